@@ -1,0 +1,108 @@
+"""The fan-out bus: one message per publish, received once by every server process.
+
+With Redis this is one pub/sub channel, ``<prefix>:fanout``, and each process
+holds exactly one subscription to it (``Hub``); a broadcast to every online
+user therefore costs one Redis message per process, whatever the number of
+sockets. Without Redis (embedded default, one process) a publish is handed to
+the hubs of this process directly.
+
+A bus message is a dict; ``kind`` says what it carries:
+
+* ``push``: ``{"kind": "push", "groups": [{"msg_type", "from_uid", "body",
+  "to": [[uid, noce_ack], ...]}]}`` - stored notifications for some users;
+* ``kick``: ``{"kind": "kick", "uids": [...], "code": n, "msg": "..."}``.
+
+Pub/sub is at-most-once: a process that is not subscribed at that moment
+misses the message. Nothing is lost by that: every pushed notification is
+stored first, unsent, and goes out on the user's next login or periodic run.
+
+Guarded by tests/connections/test_bus.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from django.conf import settings
+
+from pushsite.errors import BackendUnavailable
+from pushsite.redis_client import get_async_redis, get_redis, redis_configured
+
+log = logging.getLogger(__name__)
+
+# Hubs of this process that take embedded-mode publishes: loop -> handler.
+_local_handlers: dict[asyncio.AbstractEventLoop, Callable[[dict[str, Any]], None]] = {}
+
+
+def channel_name() -> str:
+    return f"{settings.PUSH_REDIS_PREFIX}:fanout"
+
+
+def publish(message: dict[str, Any]) -> int:
+    """Send one bus message to every server process; returns how many got it."""
+    if redis_configured():
+        try:
+            return get_redis().publish(channel_name(), json.dumps(message, separators=(",", ":")))
+        except redis.RedisError as error:
+            raise BackendUnavailable(f"redis unavailable: {error.__class__.__name__}") from error
+    delivered = 0
+    for loop, handler in list(_local_handlers.items()):
+        if loop.is_closed():
+            _local_handlers.pop(loop, None)
+            continue
+        loop.call_soon_threadsafe(handler, message)
+        delivered += 1
+    return delivered
+
+
+def check_available() -> None:
+    """Raise BackendUnavailable unless a publish can go out now."""
+    if redis_configured():
+        try:
+            get_redis().ping()
+        except redis.RedisError as error:
+            raise BackendUnavailable(f"redis unavailable: {error.__class__.__name__}") from error
+
+
+async def subscribe(handler: Callable[[dict[str, Any]], None], ready: asyncio.Event) -> None:
+    """Feed every bus message to handler until cancelled; reconnects after failures."""
+    loop = asyncio.get_running_loop()
+    if not redis_configured():
+        _local_handlers[loop] = handler
+        ready.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            _local_handlers.pop(loop, None)
+        return
+    delay = 0.2
+    while True:
+        pubsub = get_async_redis().pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(channel_name())
+            ready.set()
+            delay = 0.2
+            async for item in pubsub.listen():
+                if item.get("type") != "message":
+                    continue
+                try:
+                    message = json.loads(item["data"])
+                except ValueError:
+                    log.error("dropped a bus message that is not JSON")
+                    continue
+                handler(message)
+        except asyncio.CancelledError:
+            raise
+        except (redis.RedisError, OSError) as error:
+            log.warning("bus subscription lost (%s); resubscribing in %.1fs", error.__class__.__name__, delay)
+        finally:
+            with contextlib.suppress(redis.RedisError, OSError):
+                await pubsub.aclose()
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 5.0)

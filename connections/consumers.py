@@ -1,0 +1,291 @@
+"""The WebSocket session of PROTOCOL.md section 1.
+
+The consumer owns one socket: it parses each frame at the edge, answers with
+the contract's codes, keeps the socket's per-uid membership in the hub (and,
+with ``PUSH_FANOUT=layer``, in the Channels group), and hands every database
+call to ``bridge``. It never blocks the loop and never sends a traceback.
+
+Invariants:
+* after disconnect the socket is in no hub index, no group and no relation row;
+* every refused frame gets one ERROR reply with the contract's code; only an
+  idle timeout, a full server or a kick closes the socket;
+* messages replayed at login and pushed live meanwhile reach the socket once.
+
+Guarded by tests/connections/test_consumer.py and tests/connections/test_daphne.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from channels.consumer import AsyncConsumer, get_handler_name
+from channels.exceptions import StopConsumer
+from django.conf import settings
+
+from notifications import selectors as notification_selectors
+from notifications import services as notification_services
+from pushsite.errors import BackendUnavailable
+
+from . import auth, bridge, services
+from .groups import user_group
+from .hub import Hub, get_hub
+from .protocol import (
+    AckBody,
+    ClientFrame,
+    CloseCode,
+    Code,
+    FrameError,
+    LoginBody,
+    MsgType,
+    UnreadBody,
+    encode_frame,
+    now_ms,
+    parse_frame,
+)
+
+log = logging.getLogger(__name__)
+
+# How long acks replayed at login are remembered to drop a live duplicate.
+REPLAY_DEDUPE_SECONDS = 10.0
+
+
+class PushConsumer(AsyncConsumer):
+    """One client socket: anonymous until ``login``, then a user's socket."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.layer_fanout = settings.PUSH_FANOUT == "layer"
+        if not self.layer_fanout:
+            # The hub delivers; a per-socket layer channel would only cost.
+            self.channel_layer_alias = None
+        self.hub: Hub | None = None
+        self.conn_id: str | None = None
+        self.uid = 0
+        self._row_uid = 0  # uid of this socket's relation row, online or offline
+        self.closed = False
+        self.last_active = 0.0
+        self._tokens = float(settings.PUSH_FRAME_BURST)
+        self._refilled = 0.0
+        self._replayed: set[str] | None = None
+        self._replay_until = 0.0
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        # Channels closes stale DB connections before every handler; this
+        # consumer does no ORM work outside ``bridge`` (which does it in the
+        # DB thread), so that thread-pool round trip per message is skipped.
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"no handler for message type {message['type']}")
+        await handler(message)
+
+    # --- socket lifecycle ----------------------------------------------------
+
+    async def websocket_connect(self, message: dict[str, Any]) -> None:
+        await self.base_send({"type": "websocket.accept"})
+        self.hub = get_hub()
+        self.last_active = self._refilled = self.hub.loop.time()
+        self.conn_id = await self.hub.attach(self)
+        if self.conn_id is None:
+            await self.kick(code=Code.UNAVAILABLE, close_code=CloseCode.TRY_AGAIN_LATER, msg="server full")
+
+    async def websocket_disconnect(self, message: dict[str, Any]) -> None:
+        await self._leave_session(closing=True)
+        self.closed = True
+        if self.hub is not None and self.conn_id is not None:
+            await self.hub.detach(self)
+        raise StopConsumer
+
+    async def kick(self, *, code: int, close_code: int, msg: str) -> None:
+        """Send KICK and close; the disconnect handler cleans up."""
+        if self.closed:
+            return
+        await self.send_frame(MsgType.KICK, code=code, msg=msg)
+        self.closed = True
+        await self.base_send({"type": "websocket.close", "code": int(close_code)})
+        await self._leave_session(closing=True)
+        if self.hub is not None and self.conn_id is not None:
+            await self.hub.detach(self)
+
+    # --- sending -----------------------------------------------------------
+
+    async def send_frame(self, msg_type: MsgType, **fields: Any) -> None:
+        await self.send_text(encode_frame(msg_type, **fields))
+
+    async def send_text(self, text: str) -> None:
+        if self.closed:
+            return
+        if self.hub is not None:
+            self.last_active = self.hub.loop.time()
+        await self.base_send({"type": "websocket.send", "text": text})
+
+    async def push_text(self, text: str, noce_ack: str, now: float) -> bool:
+        """Write one pushed notification (hub path); False if it was not written."""
+        if self.closed:
+            return False
+        if self._replayed is not None:
+            if noce_ack in self._replayed:
+                return False
+            self._replayed.add(noce_ack)
+        self.last_active = now
+        await self.base_send({"type": "websocket.send", "text": text})
+        return True
+
+    async def push_frame(self, event: dict[str, Any]) -> None:
+        """Channel-layer path (PUSH_FANOUT=layer): one pushed notification."""
+        if (
+            self.uid
+            and self.hub is not None
+            and await self.push_text(event["text"], event["noce_ack"], self.hub.loop.time())
+        ):
+            self.hub.record_sent(self.uid, event["noce_ack"])
+
+    # --- receiving -----------------------------------------------------------
+
+    async def websocket_receive(self, message: dict[str, Any]) -> None:
+        if self.closed or self.hub is None:
+            return
+        now = self.hub.loop.time()
+        self.last_active = now
+        if not self._take_token(now):
+            await self.send_frame(MsgType.ERROR, code=Code.TOO_MANY, msg="too many frames; slow down")
+            return
+        if self._replayed is not None and now > self._replay_until:
+            self._replayed = None
+        frame = parse_frame(message.get("text"), max_bytes=settings.PUSH_MAX_FRAME_BYTES)
+        if isinstance(frame, FrameError):
+            await self.send_frame(MsgType.ERROR, code=frame.code, msg=frame.msg, seq=frame.seq)
+            return
+        handler = getattr(self, f"action_{frame.action}")
+        try:
+            await handler(frame)
+        except BackendUnavailable as error:
+            log.warning("%s refused for conn %s: %s", frame.action, self.conn_id, error)
+            await self.send_frame(
+                MsgType.ERROR, code=Code.UNAVAILABLE, msg=f"{frame.action} unavailable: {error}", seq=frame.seq
+            )
+        except Exception:
+            log.exception("%s failed for conn %s", frame.action, self.conn_id)
+            await self.send_frame(MsgType.ERROR, code=Code.INTERNAL, msg="internal error", seq=frame.seq)
+
+    def _take_token(self, now: float) -> bool:
+        rate, burst = settings.PUSH_FRAME_RATE, settings.PUSH_FRAME_BURST
+        self._tokens = min(burst, self._tokens + (now - self._refilled) * rate)
+        self._refilled = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+    async def _refuse_anonymous(self, frame: ClientFrame) -> bool:
+        if self.uid:
+            return False
+        await self.send_frame(MsgType.ERROR, code=Code.LOGIN_REQUIRED, msg=f"{frame.action} needs login", seq=frame.seq)
+        return True
+
+    # --- actions -------------------------------------------------------------
+
+    async def action_heartbeat(self, frame: ClientFrame) -> None:
+        await self.send_frame(MsgType.HEARTBEAT, uid=self.uid, body={"ts": now_ms()}, seq=frame.seq)
+
+    async def action_login(self, frame: ClientFrame) -> None:
+        body: LoginBody = frame.body
+        if self.uid:
+            await self.send_frame(
+                MsgType.ERROR,
+                code=Code.BAD_REQUEST,
+                msg=f"already logged in as uid {self.uid}; send logout first",
+                seq=frame.seq,
+            )
+            return
+        try:
+            uid = await auth.verify_login(body.login_key)
+        except auth.LoginRefused:
+            await self.send_frame(MsgType.LOGIN, code=Code.LOGIN_REFUSED, msg="login refused", seq=frame.seq)
+            return
+        except BackendUnavailable as error:
+            await self.send_frame(MsgType.LOGIN, code=Code.UNAVAILABLE, msg=str(error), seq=frame.seq)
+            return
+        if self.closed:
+            return
+        assert self.hub is not None
+        assert self.conn_id is not None
+        # Join before reading what is unsent: a push that lands in between
+        # arrives live and is then skipped by the replay, never missed.
+        self._replayed = set()
+        self._replay_until = self.hub.loop.time() + REPLAY_DEDUPE_SECONDS
+        self.uid = self._row_uid = uid
+        self.hub.join(uid, self)
+        try:
+            if self.layer_fanout:
+                await self.channel_layer.group_add(user_group(uid), self.channel_name)
+            session = await bridge.call(
+                services.session_login,
+                uid=uid,
+                conn_id=self.conn_id,
+                node=self.hub.node,
+                client_type=body.client_type,
+            )
+        except BackendUnavailable as error:
+            await self._leave_session(closing=False)
+            await self.send_frame(MsgType.LOGIN, code=Code.UNAVAILABLE, msg=str(error), seq=frame.seq)
+            return
+        await self.send_frame(MsgType.LOGIN, uid=uid, body={"uid": uid, "unread": session.unread_counts}, seq=frame.seq)
+        await self._replay(session.unsent)
+
+    async def _replay(self, messages: list[notification_selectors.Unsent]) -> None:
+        assert self.hub is not None
+        now = self.hub.loop.time()
+        for message in messages:
+            if await self.push_text(message.frame, message.noce_ack, now):
+                self.hub.record_sent(self.uid, message.noce_ack)
+
+    async def action_logout(self, frame: ClientFrame) -> None:
+        if await self._refuse_anonymous(frame):
+            return
+        uid = self.uid
+        await self._leave_session(closing=False)
+        await self.send_frame(MsgType.LOGOUT, body={"uid": uid}, seq=frame.seq)
+
+    async def action_ack(self, frame: ClientFrame) -> None:
+        if await self._refuse_anonymous(frame):
+            return
+        body: AckBody = frame.body
+        acked = await bridge.call(notification_services.messages_ack, uid=self.uid, noce_acks=body.acks)
+        await self.send_frame(MsgType.ACK, uid=self.uid, body={"acked": acked}, seq=frame.seq)
+
+    async def action_unread(self, frame: ClientFrame) -> None:
+        if await self._refuse_anonymous(frame):
+            return
+        body: UnreadBody = frame.body
+        result = await bridge.call(
+            notification_selectors.unread_for_user, uid=self.uid, limit=body.limit, msg_type=body.msg_type
+        )
+        await self.send_frame(MsgType.UNREAD, uid=self.uid, body=result, seq=frame.seq)
+
+    async def _leave_session(self, *, closing: bool) -> None:
+        """Leave the user's delivery; mark the relation offline (logout) or delete it (close)."""
+        uid, self.uid = self.uid, 0
+        self._replayed = None
+        if self.hub is None or self.conn_id is None:
+            return
+        if uid:
+            self.hub.leave(uid, self)
+            if self.layer_fanout:
+                try:
+                    await self.channel_layer.group_discard(user_group(uid), self.channel_name)
+                except Exception:  # a layer outage must not keep the socket from closing
+                    log.warning("group_discard failed for conn %s", self.conn_id)
+        row_uid = self._row_uid
+        if closing and row_uid:
+            self._row_uid = 0
+            try:
+                await bridge.call(services.connection_close, uid=row_uid, conn_id=self.conn_id)
+            except BackendUnavailable:
+                self.hub.close_later(row_uid, self.conn_id)
+        elif not closing and uid:
+            try:
+                await bridge.call(services.connection_logout, uid=uid, conn_id=self.conn_id)
+            except BackendUnavailable:
+                self._row_uid = 0
+                self.hub.close_later(uid, self.conn_id)

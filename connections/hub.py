@@ -1,0 +1,221 @@
+"""The process-local hub: every socket of this process, indexed by uid.
+
+One hub per event loop (daphne has one). It holds the only bus subscription of
+the process, writes each bus message straight to the local sockets it
+concerns (the frame body encoded once per message, not once per socket), and
+runs the process's housekeeping: the idle sweep, the node liveness mark, the
+reaping of dead nodes' relation rows and the batched ``is_sent`` writes.
+
+Invariants:
+* a consumer is in ``sockets`` from accept to close, and in ``users[uid]``
+  exactly while it is logged in as uid; empty uid sets are removed;
+* the background tasks run while at least one socket is attached and are
+  cancelled and awaited when the last one leaves;
+* a frame written by the hub marks its message sent (``is_sent``) within
+  ``SENT_FLUSH_INTERVAL`` seconds, in one UPDATE per shard.
+
+Guarded by tests/connections/test_hub.py and tests/connections/test_consumer.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from django.conf import settings
+
+from pushsite.errors import BackendUnavailable
+
+from . import bridge, bus, services
+from .protocol import CloseCode, MsgType, PushTemplate
+
+if TYPE_CHECKING:
+    from .consumers import PushConsumer
+
+log = logging.getLogger(__name__)
+
+SENT_FLUSH_INTERVAL = 0.2
+SENT_FLUSH_MAX = 2000
+
+
+class Hub:
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.node = services.node_id()
+        self.sockets: dict[str, PushConsumer] = {}
+        self.users: dict[int, set[PushConsumer]] = {}
+        self._numbers = itertools.count(1)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._starting: asyncio.Task[None] | None = None
+        self._sent: list[tuple[int, str]] = []
+        self._sent_wakeup = asyncio.Event()
+        self._pending_closes: list[tuple[int, str]] = []
+
+    # --- membership --------------------------------------------------------
+
+    async def attach(self, consumer: PushConsumer) -> str | None:
+        """Register a new socket; None when this process is full."""
+        if len(self.sockets) >= settings.PUSH_MAX_CONNECTIONS:
+            return None
+        conn_id = f"{self.node}.{next(self._numbers)}"
+        self.sockets[conn_id] = consumer
+        if not self._tasks and self._starting is None:
+            self._starting = asyncio.ensure_future(self._start())
+        if self._starting is not None:
+            await asyncio.shield(self._starting)
+        return conn_id
+
+    async def detach(self, consumer: PushConsumer) -> None:
+        """Forget a closed socket; stop housekeeping when none is left."""
+        self.sockets.pop(consumer.conn_id or "", None)
+        if consumer.uid:
+            self.leave(consumer.uid, consumer)
+        if not self.sockets and self._tasks:
+            await self.stop()
+
+    def join(self, uid: int, consumer: PushConsumer) -> None:
+        self.users.setdefault(uid, set()).add(consumer)
+
+    def leave(self, uid: int, consumer: PushConsumer) -> None:
+        conns = self.users.get(uid)
+        if conns is not None:
+            conns.discard(consumer)
+            if not conns:
+                del self.users[uid]
+
+    def close_later(self, uid: int, conn_id: str) -> None:
+        """A relation row that could not be removed now; the node loop retries."""
+        self._pending_closes.append((uid, conn_id))
+
+    # --- delivery ----------------------------------------------------------
+
+    def on_bus_message(self, message: dict[str, Any]) -> None:
+        """Handle one bus message (called on the hub's loop)."""
+        kind = message.get("kind")
+        if kind == "push":
+            self.loop.create_task(self._deliver(message["groups"]))
+        elif kind == "kick":
+            self.loop.create_task(self._kick_users(message["uids"], message.get("code", 4001), message.get("msg", "")))
+        else:
+            log.error("dropped a bus message of unknown kind %r", kind)
+
+    async def _deliver(self, groups: list[dict[str, Any]]) -> None:
+        now = self.loop.time()
+        users = self.users
+        sent = self._sent
+        for group in groups:
+            template: PushTemplate | None = None
+            for uid, noce_ack in group["to"]:
+                conns = users.get(uid)
+                if not conns:
+                    continue
+                if template is None:
+                    template = PushTemplate(MsgType(group["msg_type"]), from_uid=group["from_uid"], body=group["body"])
+                text = template.render(uid, noce_ack)
+                delivered = False
+                for consumer in tuple(conns):
+                    delivered = await consumer.push_text(text, noce_ack, now) or delivered
+                if delivered:
+                    sent.append((uid, noce_ack))
+        if sent:
+            self._sent_wakeup.set()
+
+    def record_sent(self, uid: int, noce_ack: str) -> None:
+        self._sent.append((uid, noce_ack))
+        self._sent_wakeup.set()
+
+    async def _kick_users(self, uids: list[int], code: int, msg: str) -> None:
+        for uid in uids:
+            for consumer in tuple(self.users.get(uid, ())):
+                await consumer.kick(code=code, close_code=CloseCode.NORMAL, msg=msg)
+
+    # --- housekeeping -------------------------------------------------------
+
+    async def _start(self) -> None:
+        ready = asyncio.Event()
+        tasks = [
+            self.loop.create_task(bus.subscribe(self.on_bus_message, ready), name="pushsite-bus"),
+            self.loop.create_task(self._sweep_idle(), name="pushsite-idle"),
+            self.loop.create_task(self._node_loop(), name="pushsite-node"),
+            self.loop.create_task(self._flush_sent_loop(), name="pushsite-sent"),
+        ]
+        self._tasks = tasks
+        try:
+            await asyncio.wait_for(ready.wait(), timeout=3)
+        except TimeoutError:
+            log.warning("bus not ready after 3s; sockets accepted, live pushes resume when it is")
+        finally:
+            self._starting = None
+
+    async def stop(self) -> None:
+        """Cancel and await the background tasks (a task calling this ends by itself)."""
+        current = asyncio.current_task()
+        tasks, self._tasks = [t for t in self._tasks if t is not current], []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._flush_sent()
+
+    async def _sweep_idle(self) -> None:
+        while True:
+            timeout = settings.PUSH_IDLE_TIMEOUT
+            await asyncio.sleep(max(0.05, min(5.0, timeout / 4)))
+            cutoff = self.loop.time() - timeout
+            for consumer in [c for c in self.sockets.values() if c.last_active < cutoff]:
+                await consumer.kick(code=CloseCode.IDLE_TIMEOUT, close_code=CloseCode.IDLE_TIMEOUT, msg="idle timeout")
+            if asyncio.current_task() not in self._tasks:
+                return  # the last socket went and the hub stopped
+
+    async def _node_loop(self) -> None:
+        while True:
+            try:
+                await bridge.call(services.node_heartbeat, node=self.node)
+                reaped = await bridge.call(services.node_reap_dead)
+                if reaped:
+                    log.info("cleared %d relation rows of dead nodes", reaped)
+                pending, self._pending_closes = self._pending_closes, []
+                for index, (uid, conn_id) in enumerate(pending):
+                    try:
+                        await bridge.call(services.connection_close, uid=uid, conn_id=conn_id)
+                    except BackendUnavailable:
+                        self._pending_closes.extend(pending[index:])
+                        break
+            except BackendUnavailable as error:
+                log.warning("node housekeeping failed: %s", error)
+            await asyncio.sleep(settings.PUSH_NODE_HEARTBEAT)
+
+    async def _flush_sent_loop(self) -> None:
+        while True:
+            await self._sent_wakeup.wait()
+            await asyncio.sleep(SENT_FLUSH_INTERVAL)
+            await self._flush_sent()
+
+    async def _flush_sent(self) -> None:
+        self._sent_wakeup.clear()
+        batch, self._sent = self._sent, []
+        if not batch:
+            return
+        from notifications.services import messages_mark_sent
+
+        try:
+            await bridge.call(messages_mark_sent, pairs=batch)
+        except BackendUnavailable as error:
+            # Not marking sent only means a later run may deliver it again;
+            # clients de-duplicate by noce_ack. Keep the batch bounded.
+            log.warning("could not mark %d messages sent: %s", len(batch), error)
+            self._sent = batch[-SENT_FLUSH_MAX * 10 :] + self._sent
+
+
+_hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Hub] = weakref.WeakKeyDictionary()
+
+
+def get_hub() -> Hub:
+    """The hub of the running event loop."""
+    loop = asyncio.get_running_loop()
+    hub = _hubs.get(loop)
+    if hub is None:
+        hub = _hubs[loop] = Hub()
+    return hub

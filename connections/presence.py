@@ -1,0 +1,79 @@
+"""The fast uid -> live connections look-up (PROTOCOL.md section 4).
+
+With Redis: one hash per uid, ``<prefix>:online:<uid>``, field = connection
+id, value = "<node> <client_type> <login epoch s>". Without Redis (embedded
+default, one process) the same shape lives in a dict. The relation table stays
+the source of truth; this index is rebuilt from it by node reaping and logins.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from django.conf import settings
+
+from pushsite.redis_client import get_redis, redis_configured
+
+
+def online_key(uid: int) -> str:
+    return f"{settings.PUSH_REDIS_PREFIX}:online:{uid}"
+
+
+class _LocalPresence:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._data: dict[int, dict[str, str]] = {}
+
+    def add(self, uid: int, conn_id: str, info: str) -> None:
+        with self._lock:
+            self._data.setdefault(uid, {})[conn_id] = info
+
+    def remove(self, pairs: list[tuple[int, str]]) -> None:
+        with self._lock:
+            for uid, conn_id in pairs:
+                conns = self._data.get(uid)
+                if conns is not None:
+                    conns.pop(conn_id, None)
+                    if not conns:
+                        del self._data[uid]
+
+    def connections(self, uid: int) -> dict[str, str]:
+        with self._lock:
+            return dict(self._data.get(uid, {}))
+
+    def online(self, uids: list[int]) -> set[int]:
+        with self._lock:
+            return {uid for uid in uids if self._data.get(uid)}
+
+
+class _RedisPresence:
+    def add(self, uid: int, conn_id: str, info: str) -> None:
+        get_redis().hset(online_key(uid), conn_id, info)
+
+    def remove(self, pairs: list[tuple[int, str]]) -> None:
+        if not pairs:
+            return
+        pipe = get_redis().pipeline(transaction=False)
+        for uid, conn_id in pairs:
+            pipe.hdel(online_key(uid), conn_id)
+        pipe.execute()
+
+    def connections(self, uid: int) -> dict[str, str]:
+        return get_redis().hgetall(online_key(uid))
+
+    def online(self, uids: list[int]) -> set[int]:
+        if not uids:
+            return set()
+        pipe = get_redis().pipeline(transaction=False)
+        for uid in uids:
+            pipe.exists(online_key(uid))
+        return {uid for uid, found in zip(uids, pipe.execute(), strict=True) if found}
+
+
+_local = _LocalPresence()
+_redis = _RedisPresence()
+
+
+def presence() -> _LocalPresence | _RedisPresence:
+    """The index for the current configuration."""
+    return _redis if redis_configured() else _local

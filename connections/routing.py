@@ -1,0 +1,7 @@
+"""WebSocket URL routes."""
+
+from django.urls import path
+
+from .consumers import PushConsumer
+
+websocket_urlpatterns = [path("ws/push/", PushConsumer.as_asgi())]

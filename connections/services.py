@@ -1,0 +1,128 @@
+"""Writes to the uid<->connection relation and the node liveness marks.
+
+Invariants:
+* a relation row and its presence entry are written and removed together;
+* a node's rows are removed only when its liveness mark is older than
+  ``PUSH_NODE_DEAD_AFTER`` and only rows not touched since then, so a node
+  that comes back and logs a user in is never reaped by a slow peer.
+
+Guarded by tests/connections/test_relation.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import secrets
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from notifications.selectors import Unsent, unread_counts, unsent_for_user
+
+from .models import Connection, Node, UserStatus
+from .presence import presence
+from .protocol import ClientType
+
+
+@functools.cache
+def _generated_node_id() -> str:
+    host = socket.gethostname().split(".")[0][:32]
+    return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def node_id() -> str:
+    """This process's node id: PUSH_NODE_ID, else host-pid-random."""
+    return settings.PUSH_NODE_ID or _generated_node_id()
+
+
+def node_heartbeat(*, node: str) -> None:
+    """Refresh this node's liveness mark."""
+    now = timezone.now()
+    updated = Node.objects.filter(node_id=node).update(heartbeat_at=now)
+    if not updated:
+        Node.objects.update_or_create(
+            node_id=node,
+            defaults={
+                "hostname": socket.gethostname()[:255],
+                "pid": os.getpid(),
+                "started_at": now,
+                "heartbeat_at": now,
+            },
+        )
+
+
+def node_reap_dead(*, dead_after: int | None = None) -> int:
+    """Delete relation rows of nodes whose liveness mark went stale; return how many."""
+    cutoff = timezone.now() - timedelta(seconds=dead_after or settings.PUSH_NODE_DEAD_AFTER)
+    removed = 0
+    for dead in Node.objects.filter(heartbeat_at__lt=cutoff).values_list("node_id", flat=True):
+        rows = Connection.objects.filter(node=dead, update_time__lt=cutoff)
+        pairs = list(rows.values_list("uid", "conn_id"))
+        if pairs:
+            rows.delete()
+            presence().remove(pairs)
+            removed += len(pairs)
+        if not Connection.objects.filter(node=dead).exists():
+            Node.objects.filter(node_id=dead, heartbeat_at__lt=cutoff).delete()
+    return removed
+
+
+def node_leave(*, node: str) -> int:
+    """Remove every row of a node that is shutting down (or was found dead)."""
+    rows = Connection.objects.filter(node=node)
+    pairs = list(rows.values_list("uid", "conn_id"))
+    rows.delete()
+    presence().remove(pairs)
+    Node.objects.filter(node_id=node).delete()
+    return len(pairs)
+
+
+def connection_login(*, uid: int, conn_id: str, node: str, client_type: ClientType) -> Connection:
+    """Record that a socket logged in as uid."""
+    now = timezone.now()
+    with transaction.atomic():
+        row, _ = Connection.objects.update_or_create(
+            conn_id=conn_id,
+            defaults={
+                "uid": uid,
+                "node": node,
+                "user_status": UserStatus.ONLINE,
+                "client_type": int(client_type),
+                "login_time": now,
+                "update_time": now,
+            },
+        )
+    presence().add(uid, conn_id, f"{node} {int(client_type)} {int(now.timestamp())}")
+    return row
+
+
+def connection_logout(*, uid: int, conn_id: str) -> None:
+    """Mark a socket's relation offline; the socket stays open, anonymous."""
+    Connection.objects.filter(conn_id=conn_id).update(user_status=UserStatus.OFFLINE, update_time=timezone.now())
+    presence().remove([(uid, conn_id)])
+
+
+def connection_close(*, uid: int, conn_id: str) -> None:
+    """Forget a socket that closed."""
+    Connection.objects.filter(conn_id=conn_id).delete()
+    presence().remove([(uid, conn_id)])
+
+
+@dataclass(frozen=True)
+class LoginSession:
+    unread_counts: dict[str, int]
+    unsent: list[Unsent]
+
+
+def session_login(*, uid: int, conn_id: str, node: str, client_type: ClientType) -> LoginSession:
+    """Record the login and read what the user should see at once, in one DB trip."""
+    connection_login(uid=uid, conn_id=conn_id, node=node, client_type=client_type)
+    return LoginSession(
+        unread_counts=unread_counts(uid=uid),
+        unsent=unsent_for_user(uid=uid, limit=settings.PUSH_LOGIN_REPLAY_LIMIT),
+    )

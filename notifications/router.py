@@ -1,0 +1,19 @@
+"""Routes each shard model to the database alias that holds its table."""
+
+from .sharding import shard_alias
+
+
+class ShardRouter:
+    """Shard models go to ``shard_alias(model.shard)``; everything else is left alone."""
+
+    def db_for_read(self, model, **hints):
+        shard = getattr(model, "shard", None)
+        return shard_alias(shard) if isinstance(shard, int) else None
+
+    db_for_write = db_for_read
+
+    def allow_relation(self, obj1, obj2, **hints):
+        return None
+
+    def allow_migrate(self, db, app_label, model_name=None, **hints):
+        return None

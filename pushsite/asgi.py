@@ -1,0 +1,27 @@
+"""ASGI entry point: Django for HTTP, the push consumer for /ws/push/."""
+
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "pushsite.settings")
+django_asgi_app = get_asgi_application()
+
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from django.conf import settings  # noqa: E402
+
+from connections.routing import websocket_urlpatterns  # noqa: E402
+from connections.security import OriginCheck  # noqa: E402
+
+http_app = django_asgi_app
+if settings.PUSH_SERVE_STATIC:
+    from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
+
+    http_app = ASGIStaticFilesHandler(django_asgi_app)
+
+application = ProtocolTypeRouter(
+    {
+        "http": http_app,
+        "websocket": OriginCheck(URLRouter(websocket_urlpatterns)),
+    }
+)
