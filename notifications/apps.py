@@ -9,6 +9,6 @@ class NotificationsConfig(AppConfig):
     def ready(self) -> None:
         from django.db.models.signals import post_migrate
 
-        from .services import shard_tables_create_on_migrate
+        from .store import shard_tables_create_on_migrate
 
         post_migrate.connect(shard_tables_create_on_migrate, sender=self)

@@ -32,3 +32,44 @@ class PushMessageBase(models.Model):
 
     def __str__(self) -> str:
         return f"{self.noce_ack} -> {self.to_uid}"
+
+
+class JobState(models.TextChoices):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class PushJob(models.Model):
+    """A push accepted for a worker: to many uids, or to every online user.
+
+    The job row is committed before the API answers 202, so an accepted push
+    survives a lost queue message; rows it stores get noce_acks derived from
+    the job id and the uid, so running it again never stores a duplicate.
+    """
+
+    id = models.UUIDField(primary_key=True)
+    msg_type = models.SmallIntegerField()
+    from_uid = models.BigIntegerField(default=0)
+    body = models.JSONField()
+    uids = models.JSONField(null=True, blank=True, help_text="null: every online user")
+    state = models.CharField(max_length=10, choices=JobState.choices, default=JobState.PENDING, db_index=True)
+    cursor = models.BigIntegerField(default=0, help_text="last relation row id done (system jobs)")
+    stored = models.IntegerField(default=0)
+    sent = models.IntegerField(default=0)
+    attempts = models.IntegerField(default=0)
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        db_table = "push_job"
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"job {self.id} ({self.state})"
+
+    def noce_ack_for(self, uid: int) -> str:
+        return f"{self.id.hex}-{uid}"

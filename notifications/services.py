@@ -1,161 +1,171 @@
-"""Writes to the sharded message store, and the push actions built on them.
+"""Push actions: what the API, the tasks and the admin ask for.
 
 Invariants:
-* a push is stored before it is published: ``notifications_push`` commits
-  every row, then calls ``publish.publish_stored`` - nothing reaches a socket
-  that is not in the database;
-* one push is stored all or nothing: the shards of one database alias share a
-  transaction, and if a later alias fails the rows already committed on the
-  others are deleted again;
-* ``messages_ack`` and ``messages_mark_sent`` touch only rows whose ``to_uid``
-  is the given user's: a user can never ack another user's messages.
+* stored before published: every action commits its rows, then calls
+  ``publish.publish_stored``; nothing reaches a socket that is not stored;
+* a push to a few uids is stored and published inline; larger ones and system
+  notices become a ``PushJob`` committed before anything is queued, so an
+  accepted push survives a lost queue message (``push_jobs_requeue_stale``);
+* running a job twice, or resuming one cut off, stores no duplicate row: its
+  noce_acks are derived from the job id and the uid.
 
-Guarded by tests/notifications/test_store.py and tests/notifications/test_api.py.
+Guarded by tests/notifications/test_api.py and tests/notifications/test_jobs.py.
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
-from collections import defaultdict
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
-from django.db import DatabaseError, connections, transaction
+from django.conf import settings
+from django.db import close_old_connections, transaction
+from django.db.models import F
 from django.utils import timezone
 
+from connections import bus
+from connections.models import Connection, UserStatus
 from connections.protocol import MsgType
 
-from .sharding import message_model, shard_alias, shard_of, shards_by_alias
+from .models import JobState, PushJob
+from .publish import publish_stored
+from .store import NewMessage, messages_store
 
 log = logging.getLogger(__name__)
 
 
-def new_noce_ack() -> str:
-    """A fresh unique message id: 128 random bits as 32 hex digits."""
-    return secrets.token_hex(16)
+@dataclass(frozen=True)
+class InlineResult:
+    stored: int
+    sent: int
+    noce_acks: dict[int, str]
 
 
-# --- shard tables -------------------------------------------------------------
+def notifications_push(*, msg_type: MsgType, uids: list[int], body: dict[str, Any], from_uid: int) -> InlineResult:
+    """Store one notification per uid, then publish it to whoever is online."""
+    bus.check_available()
+    messages = [NewMessage(to_uid=uid, msg_type=msg_type, body=body, from_uid=from_uid) for uid in uids]
+    stored = messages_store(messages=messages)
+    sent = publish_stored(messages=messages)
+    return InlineResult(stored=stored, sent=sent, noce_acks={m.to_uid: m.noce_ack for m in messages})
 
 
-def shard_tables_create(*, aliases: Iterable[str] | None = None) -> dict[str, list[int]]:
-    """Create every missing shard table; returns {alias: [shards created]}."""
-    created: dict[str, list[int]] = {}
-    for alias, shards in shards_by_alias().items():
-        if aliases is not None and alias not in aliases:
-            continue
-        connection = connections[alias]
-        existing = set(connection.introspection.table_names())
-        missing = [s for s in shards if message_model(s)._meta.db_table not in existing]
-        with connection.schema_editor() as editor:
-            for shard in missing:
-                editor.create_model(message_model(shard))
-        created[alias] = missing
-    return created
+def push_job_create(*, msg_type: MsgType, uids: list[int] | None, body: dict[str, Any], from_uid: int) -> PushJob:
+    """Accept a push for a worker: the job is durable before it is queued."""
+    bus.check_available()
+    with transaction.atomic():
+        job = PushJob.objects.create(id=uuid.uuid4(), msg_type=int(msg_type), from_uid=from_uid, body=body, uids=uids)
+        transaction.on_commit(lambda: push_job_enqueue(job_id=job.id))
+    return job
 
 
-def shard_tables_create_on_migrate(*, using: str = "default", **kwargs: Any) -> None:
-    """post_migrate hook: a migrated database has its shard tables too."""
-    if using in set(shards_by_alias()):
-        shard_tables_create(aliases=[using])
+def push_job_enqueue(*, job_id: uuid.UUID) -> None:
+    """Queue a job for a Celery worker, or run it in this process (PUSH_JOBS=inline)."""
+    if settings.PUSH_JOBS == "inline":
+        _inline_runner().submit(_run_inline, job_id)
+        return
+    from .tasks import run_push_job
 
-
-# --- storing ----------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class NewMessage:
-    to_uid: int
-    msg_type: MsgType
-    body: dict[str, Any]
-    from_uid: int = 0
-    noce_ack: str = field(default_factory=new_noce_ack)
-
-
-def messages_store(*, messages: list[NewMessage], ignore_existing: bool = False) -> int:
-    """Store messages in their shards, all or nothing; returns rows written.
-
-    ``ignore_existing`` skips rows whose noce_ack is already stored, which
-    makes a retried run with derived noce_acks idempotent.
-    """
-    now = timezone.now()
-    by_shard: dict[int, list[Any]] = defaultdict(list)
-    for message in messages:
-        shard = shard_of(message.to_uid)
-        by_shard[shard].append(
-            message_model(shard)(
-                noce_ack=message.noce_ack,
-                to_uid=message.to_uid,
-                from_uid=message.from_uid,
-                msg_type=int(message.msg_type),
-                body=message.body,
-                create_time=now,
-                update_time=now,
-            )
-        )
-    by_alias: dict[str, list[int]] = defaultdict(list)
-    for shard in by_shard:
-        by_alias[shard_alias(shard)].append(shard)
-
-    committed: list[str] = []
-    written = 0
     try:
-        for alias, shards in by_alias.items():
-            with transaction.atomic(using=alias):
-                for shard in shards:
-                    rows = (
-                        message_model(shard)
-                        .objects.using(alias)
-                        .bulk_create(by_shard[shard], batch_size=1000, ignore_conflicts=ignore_existing)
-                    )
-                    written += len(rows)
-            committed.append(alias)
-    except DatabaseError:
-        if committed and not ignore_existing:
-            _compensate(by_alias, by_shard, committed)
+        run_push_job.delay(str(job_id))
+    except Exception as error:  # the job row is durable; the periodic sweep re-queues it
+        log.warning("could not queue job %s (%s); it will be re-queued", job_id, error)
+
+
+_runner: ThreadPoolExecutor | None = None
+_runner_lock = threading.Lock()
+
+
+def _inline_runner() -> ThreadPoolExecutor:
+    global _runner
+    with _runner_lock:
+        if _runner is None:
+            _runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pushsite-job")
+        return _runner
+
+
+def _run_inline(job_id: uuid.UUID) -> None:
+    try:
+        push_job_run(job_id=job_id)
+    except Exception:
+        log.exception("job %s failed", job_id)
+    finally:
+        close_old_connections()
+
+
+def push_job_run(*, job_id: uuid.UUID | str, batch_size: int | None = None) -> PushJob:
+    """Store and publish a job's messages, batch by batch; safe to run again."""
+    batch_size = batch_size or settings.PUSH_JOB_BATCH
+    job = PushJob.objects.get(id=job_id)
+    if job.state == JobState.DONE:
+        return job
+    PushJob.objects.filter(id=job.id).update(state=JobState.RUNNING, attempts=F("attempts") + 1)
+    try:
+        for uids in _job_batches(job, batch_size):
+            messages = [
+                NewMessage(
+                    to_uid=uid,
+                    msg_type=MsgType(job.msg_type),
+                    body=job.body,
+                    from_uid=job.from_uid,
+                    noce_ack=job.noce_ack_for(uid),
+                )
+                for uid in uids
+            ]
+            stored = messages_store(messages=messages, ignore_existing=True)
+            sent = publish_stored(messages=messages)
+            PushJob.objects.filter(id=job.id).update(
+                stored=F("stored") + stored, sent=F("sent") + sent, cursor=job.cursor
+            )
+    except Exception as error:
+        PushJob.objects.filter(id=job.id).update(error=f"{error.__class__.__name__}: {error}"[:2000])
         raise
-    return written
+    PushJob.objects.filter(id=job.id).update(state=JobState.DONE, finished_at=timezone.now(), error="")
+    job.refresh_from_db()
+    return job
 
 
-def _compensate(by_alias: dict[str, list[int]], by_shard: dict[int, list[Any]], committed: list[str]) -> None:
-    """Delete what one push already committed on other aliases before failing."""
-    for alias in committed:
-        for shard in by_alias[alias]:
-            acks = [row.noce_ack for row in by_shard[shard]]
-            try:
-                message_model(shard).objects.using(alias).filter(noce_ack__in=acks).delete()
-            except DatabaseError:
-                log.error("could not undo %d rows of a failed push on shard %d", len(acks), shard)
+def _job_batches(job: PushJob, batch_size: int):
+    """Target uids in batches; for a system job, online users walked by relation id.
 
-
-def _acks_by_shard(pairs: Iterable[tuple[int, str]]) -> dict[int, dict[str, int]]:
-    grouped: dict[int, dict[str, int]] = defaultdict(dict)
-    for uid, noce_ack in pairs:
-        grouped[shard_of(uid)][noce_ack] = uid
-    return grouped
-
-
-def messages_mark_sent(*, pairs: list[tuple[int, str]]) -> int:
-    """Mark (uid, noce_ack) pairs as handed to a socket; one UPDATE per shard."""
-    now = timezone.now()
-    updated = 0
-    for shard, acks in _acks_by_shard(pairs).items():
-        updated += (
-            message_model(shard)
-            .objects.filter(noce_ack__in=list(acks), to_uid__in=set(acks.values()), is_sent=False)
-            .update(is_sent=True, update_time=now)
+    The cursor advances only after a batch is stored, so a job cut off resumes
+    where it stopped; uids seen in this run are skipped (several sockets).
+    """
+    if job.uids is not None:
+        uids = list(job.uids)
+        for start in range(0, len(uids), batch_size):
+            yield uids[start : start + batch_size]
+        return
+    seen: set[int] = set()
+    while True:
+        rows = list(
+            Connection.objects.filter(user_status=UserStatus.ONLINE, id__gt=job.cursor)
+            .order_by("id")
+            .values_list("id", "uid")[:batch_size]
         )
-    return updated
+        if not rows:
+            return
+        batch = [uid for _, uid in rows if uid not in seen]
+        seen.update(batch)
+        job.cursor = rows[-1][0]
+        if batch:
+            yield list(dict.fromkeys(batch))
+        else:
+            PushJob.objects.filter(id=job.id).update(cursor=job.cursor)
 
 
-def messages_ack(*, uid: int, noce_acks: list[str]) -> int:
-    """Mark the user's own messages read; another user's noce_ack changes nothing."""
-    if not noce_acks:
-        return 0
-    return (
-        message_model(shard_of(uid))
-        .objects.filter(to_uid=uid, noce_ack__in=noce_acks, is_read=False)
-        .update(is_read=True, update_time=timezone.now())
+def push_jobs_requeue_stale(*, older_than: int = 300) -> int:
+    """Queue again the jobs that were accepted but not finished in time."""
+    cutoff = timezone.now() - timedelta(seconds=older_than)
+    stale = list(
+        PushJob.objects.filter(state__in=[JobState.PENDING, JobState.RUNNING], updated_at__lt=cutoff).values_list(
+            "id", flat=True
+        )
     )
+    for job_id in stale:
+        push_job_enqueue(job_id=job_id)
+    return len(stale)

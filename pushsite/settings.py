@@ -263,6 +263,17 @@ PUSH_FRAME_BURST = env_int("PUSH_FRAME_BURST", 40)
 PUSH_FANOUT = env_str("PUSH_FANOUT", "hub")
 if PUSH_FANOUT not in {"hub", "layer"}:
     raise ImproperlyConfigured(f"PUSH_FANOUT must be hub or layer, got {PUSH_FANOUT!r}")
+# Push API limits; pushes to more uids than PUSH_API_INLINE_MAX_UIDS become jobs.
+PUSH_API_MAX_UIDS = env_int("PUSH_API_MAX_UIDS", 10000)
+PUSH_API_INLINE_MAX_UIDS = env_int("PUSH_API_INLINE_MAX_UIDS", 100)
+PUSH_API_MAX_REQUEST_BYTES = 1024 * 1024
+DATA_UPLOAD_MAX_MEMORY_SIZE = PUSH_API_MAX_REQUEST_BYTES
+# Jobs run on Celery workers when a broker is configured, else in a thread of
+# the server process (the embedded default has no worker running).
+PUSH_JOBS = env_str("PUSH_JOBS", "celery" if (REDIS_URL or env_str("CELERY_BROKER_URL")) else "inline")
+if PUSH_JOBS not in {"celery", "inline"}:
+    raise ImproperlyConfigured(f"PUSH_JOBS must be celery or inline, got {PUSH_JOBS!r}")
+PUSH_JOB_BATCH = env_int("PUSH_JOB_BATCH", 1000)
 # Unsent messages delivered at login, oldest first; the rest wait for the next run.
 PUSH_LOGIN_REPLAY_LIMIT = env_int("PUSH_LOGIN_REPLAY_LIMIT", 100)
 PUSH_NODE_ID = env_str("PUSH_NODE_ID")

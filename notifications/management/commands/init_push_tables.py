@@ -3,8 +3,8 @@
 from django.core.management.base import BaseCommand, CommandError
 from django.db import DatabaseError
 
-from notifications.services import shard_tables_create
 from notifications.sharding import SHARD_COUNT, shards_by_alias
+from notifications.store import shard_tables_create
 
 
 class Command(BaseCommand):

@@ -1,0 +1,71 @@
+"""A small client for the main site: signs and posts pushes to pushsite.
+
+Standard library only, so the main site can use it without new dependencies::
+
+    from notifications.client import PushClient
+    client = PushClient("https://push.example.com", secret=os.environ["PUSH_API_SECRET"])
+    client.user_message([176906], {"title": "Hello"})
+
+Every method returns the decoded JSON answer; an error answer raises
+``PushError`` carrying the HTTP status and the server's message.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+from .signing import signed_headers
+
+
+class PushError(Exception):
+    def __init__(self, status: int, msg: str) -> None:
+        super().__init__(f"{status}: {msg}")
+        self.status = status
+        self.msg = msg
+
+
+class PushClient:
+    def __init__(self, base_url: str, *, secret: str, timeout: float = 5.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.secret = secret
+        self.timeout = timeout
+
+    def user_message(self, uids: list[int], body: dict[str, Any], *, from_uid: int = 0) -> dict[str, Any]:
+        """A personal notice (msg_type 7) to each uid."""
+        return self._post("/api/notice/userMessage", {"uids": uids, "body": body, "from_uid": from_uid})
+
+    def comment(self, uids: list[int], body: dict[str, Any], *, from_uid: int) -> dict[str, Any]:
+        """A comment notification (msg_type 5) from from_uid to each uid."""
+        return self._post("/api/comment/message", {"uids": uids, "from_uid": from_uid, "body": body})
+
+    def system_message(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A system notice (msg_type 6) to every online user."""
+        return self._post("/api/notice/systemMessage", {"body": body})
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        """Progress of an accepted job."""
+        return self._request("GET", f"/api/push/jobs/{job_id}", b"")
+
+    def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        return self._request("POST", path, json.dumps(payload, separators=(",", ":")).encode())
+
+    def _request(self, method: str, path: str, data: bytes) -> dict[str, Any]:
+        headers = {"Content-Type": "application/json", **signed_headers(self.secret, data)}
+        request = urllib.request.Request(  # noqa: S310 - the URL is the operator's pushsite
+            self.base_url + path, data=data if method == "POST" else None, headers=headers, method=method
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310
+                return json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            try:
+                answer = json.loads(error.read())
+                msg = answer.get("msg", error.reason)
+            except ValueError:
+                msg = str(error.reason)
+            raise PushError(error.code, msg) from None
+        except (urllib.error.URLError, TimeoutError) as error:
+            raise PushError(0, f"pushsite unreachable: {error}") from None

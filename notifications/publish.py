@@ -1,0 +1,69 @@
+"""The one function that hands stored notifications to live sockets.
+
+Everything that pushes (the API, jobs, periodic runs, admin resends) calls
+``publish_stored`` after its rows are committed. With ``PUSH_FANOUT=hub`` (the
+default) a publish is one bus message per chunk of recipients, received once
+by each server process, which encodes the shared body once and writes the
+frame to its local sockets. With ``PUSH_FANOUT=layer`` it is the stock
+Channels path: one ``group_send`` per user, kept to measure against.
+
+Only users the presence index shows online are published to: a user who logs
+in a moment later reads the same rows as unsent at login, because the rows were
+committed before the presence check.
+
+Guarded by tests/notifications/test_delivery.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.conf import settings
+
+from connections import bus
+from connections.groups import user_group
+from connections.presence import presence
+from connections.protocol import PushTemplate
+
+from .store import NewMessage
+
+BUS_CHUNK = 2000
+
+
+def publish_stored(*, messages: Sequence[NewMessage]) -> int:
+    """Publish stored messages to their users' live sockets; returns how many were online."""
+    if not messages:
+        return 0
+    online = presence().online(list(dict.fromkeys(m.to_uid for m in messages)))
+    live = [m for m in messages if m.to_uid in online]
+    if not live:
+        return 0
+    if settings.PUSH_FANOUT == "layer":
+        _publish_through_layer(live)
+    else:
+        for start in range(0, len(live), BUS_CHUNK):
+            bus.publish({"kind": "push", "groups": _groups(live[start : start + BUS_CHUNK])})
+    return len(live)
+
+
+def _groups(messages: Sequence[NewMessage]) -> list[dict[str, Any]]:
+    """Messages that share type, sender and body travel as one group."""
+    groups: dict[tuple[int, int, int], dict[str, Any]] = {}
+    for m in messages:
+        key = (int(m.msg_type), m.from_uid, id(m.body))
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = {"msg_type": int(m.msg_type), "from_uid": m.from_uid, "body": m.body, "to": []}
+        group["to"].append([m.to_uid, m.noce_ack])
+    return list(groups.values())
+
+
+def _publish_through_layer(messages: Sequence[NewMessage]) -> None:
+    layer = get_channel_layer()
+    send = async_to_sync(layer.group_send)
+    for m in messages:
+        text = PushTemplate(m.msg_type, from_uid=m.from_uid, body=m.body).render(m.to_uid, m.noce_ack)
+        send(user_group(m.to_uid), {"type": "push.frame", "text": text, "noce_ack": m.noce_ack})

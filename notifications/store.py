@@ -1,0 +1,160 @@
+"""Writes to the sharded message store.
+
+Invariants:
+* one push is stored all or nothing: the shards of one database alias share a
+  transaction, and if a later alias fails the rows already committed on the
+  others are deleted again;
+* ``messages_ack`` and ``messages_mark_sent`` touch only rows whose ``to_uid``
+  is the given user's: a user can never ack another user's messages.
+
+Guarded by tests/notifications/test_store.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.db import DatabaseError, connections, transaction
+from django.utils import timezone
+
+from connections.protocol import MsgType
+
+from .sharding import message_model, shard_alias, shard_of, shards_by_alias
+
+log = logging.getLogger(__name__)
+
+
+def new_noce_ack() -> str:
+    """A fresh unique message id: 128 random bits as 32 hex digits."""
+    return secrets.token_hex(16)
+
+
+# --- shard tables -------------------------------------------------------------
+
+
+def shard_tables_create(*, aliases: Iterable[str] | None = None) -> dict[str, list[int]]:
+    """Create every missing shard table; returns {alias: [shards created]}."""
+    created: dict[str, list[int]] = {}
+    for alias, shards in shards_by_alias().items():
+        if aliases is not None and alias not in aliases:
+            continue
+        connection = connections[alias]
+        existing = set(connection.introspection.table_names())
+        missing = [s for s in shards if message_model(s)._meta.db_table not in existing]
+        with connection.schema_editor() as editor:
+            for shard in missing:
+                editor.create_model(message_model(shard))
+        created[alias] = missing
+    return created
+
+
+def shard_tables_create_on_migrate(*, using: str = "default", **kwargs: Any) -> None:
+    """post_migrate hook: a migrated database has its shard tables too."""
+    if using in set(shards_by_alias()):
+        shard_tables_create(aliases=[using])
+
+
+# --- storing ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    to_uid: int
+    msg_type: MsgType
+    body: dict[str, Any]
+    from_uid: int = 0
+    noce_ack: str = field(default_factory=new_noce_ack)
+
+
+def messages_store(*, messages: list[NewMessage], ignore_existing: bool = False) -> int:
+    """Store messages in their shards, all or nothing; returns rows written.
+
+    ``ignore_existing`` skips rows whose noce_ack is already stored, which
+    makes a retried run with derived noce_acks idempotent.
+    """
+    now = timezone.now()
+    by_shard: dict[int, list[Any]] = defaultdict(list)
+    for message in messages:
+        shard = shard_of(message.to_uid)
+        by_shard[shard].append(
+            message_model(shard)(
+                noce_ack=message.noce_ack,
+                to_uid=message.to_uid,
+                from_uid=message.from_uid,
+                msg_type=int(message.msg_type),
+                body=message.body,
+                create_time=now,
+                update_time=now,
+            )
+        )
+    by_alias: dict[str, list[int]] = defaultdict(list)
+    for shard in by_shard:
+        by_alias[shard_alias(shard)].append(shard)
+
+    committed: list[str] = []
+    written = 0
+    try:
+        for alias, shards in by_alias.items():
+            with transaction.atomic(using=alias):
+                for shard in shards:
+                    model = message_model(shard)
+                    rows = by_shard[shard]
+                    if ignore_existing:
+                        acks = [row.noce_ack for row in rows]
+                        existing = set(model.objects.filter(noce_ack__in=acks).values_list("noce_ack", flat=True))
+                        rows = [row for row in rows if row.noce_ack not in existing]
+                    model.objects.bulk_create(rows, batch_size=1000, ignore_conflicts=ignore_existing)
+                    written += len(rows)
+            committed.append(alias)
+    except DatabaseError:
+        if committed and not ignore_existing:
+            _compensate(by_alias, by_shard, committed)
+        raise
+    return written
+
+
+def _compensate(by_alias: dict[str, list[int]], by_shard: dict[int, list[Any]], committed: list[str]) -> None:
+    """Delete what one push already committed on other aliases before failing."""
+    for alias in committed:
+        for shard in by_alias[alias]:
+            acks = [row.noce_ack for row in by_shard[shard]]
+            try:
+                message_model(shard).objects.using(alias).filter(noce_ack__in=acks).delete()
+            except DatabaseError:
+                log.error("could not undo %d rows of a failed push on shard %d", len(acks), shard)
+
+
+def _acks_by_shard(pairs: Iterable[tuple[int, str]]) -> dict[int, dict[str, int]]:
+    grouped: dict[int, dict[str, int]] = defaultdict(dict)
+    for uid, noce_ack in pairs:
+        grouped[shard_of(uid)][noce_ack] = uid
+    return grouped
+
+
+def messages_mark_sent(*, pairs: list[tuple[int, str]]) -> int:
+    """Mark (uid, noce_ack) pairs as handed to a socket; one UPDATE per shard."""
+    now = timezone.now()
+    updated = 0
+    for shard, acks in _acks_by_shard(pairs).items():
+        updated += (
+            message_model(shard)
+            .objects.filter(noce_ack__in=list(acks), to_uid__in=set(acks.values()), is_sent=False)
+            .update(is_sent=True, update_time=now)
+        )
+    return updated
+
+
+def messages_ack(*, uid: int, noce_acks: list[str]) -> int:
+    """Mark the user's own messages read; another user's noce_ack changes nothing."""
+    if not noce_acks:
+        return 0
+    return (
+        message_model(shard_of(uid))
+        .objects.filter(to_uid=uid, noce_ack__in=noce_acks, is_read=False)
+        .update(is_read=True, update_time=timezone.now())
+    )
