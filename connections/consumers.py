@@ -24,7 +24,7 @@ from channels.exceptions import StopConsumer
 from django.conf import settings
 
 from notifications import selectors as notification_selectors
-from notifications import services as notification_services
+from notifications import store as notification_store
 from pushsite.errors import BackendUnavailable
 
 from . import auth, bridge, services
@@ -251,7 +251,7 @@ class PushConsumer(AsyncConsumer):
         if await self._refuse_anonymous(frame):
             return
         body: AckBody = frame.body
-        acked = await bridge.call(notification_services.messages_ack, uid=self.uid, noce_acks=body.acks)
+        acked = await bridge.call(notification_store.messages_ack, uid=self.uid, noce_acks=body.acks)
         await self.send_frame(MsgType.ACK, uid=self.uid, body={"acked": acked}, seq=frame.seq)
 
     async def action_unread(self, frame: ClientFrame) -> None:

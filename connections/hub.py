@@ -198,7 +198,7 @@ class Hub:
         batch, self._sent = self._sent, []
         if not batch:
             return
-        from notifications.services import messages_mark_sent
+        from notifications.store import messages_mark_sent
 
         try:
             await bridge.call(messages_mark_sent, pairs=batch)
