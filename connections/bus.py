@@ -9,8 +9,7 @@ the hubs of this process directly.
 A bus message is a dict; ``kind`` says what it carries:
 
 * ``push``: ``{"kind": "push", "groups": [{"msg_type", "from_uid", "body",
-  "to": [[uid, noce_ack], ...]}]}`` - stored notifications for some users;
-* ``kick``: ``{"kind": "kick", "uids": [...], "code": n, "msg": "..."}``.
+  "to": [[uid, noce_ack], ...]}]}`` - stored notifications for some users.
 
 Pub/sub is at-most-once: a process that is not subscribed at that moment
 misses the message. Nothing is lost by that: every pushed notification is

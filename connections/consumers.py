@@ -42,6 +42,7 @@ from .protocol import (
     encode_frame,
     now_ms,
     parse_frame,
+    seq_of,
 )
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,8 @@ class PushConsumer(AsyncConsumer):
         now = self.hub.loop.time()
         self.last_active = now
         if not self._take_token(now):
-            await self.send_frame(MsgType.ERROR, code=Code.TOO_MANY, msg="too many frames; slow down")
+            seq = seq_of(message.get("text"), max_bytes=settings.PUSH_MAX_FRAME_BYTES)
+            await self.send_frame(MsgType.ERROR, code=Code.TOO_MANY, msg="too many frames; slow down", seq=seq)
             return
         if self._replayed is not None and now > self._replay_until:
             self._replayed = None
@@ -201,10 +203,10 @@ class PushConsumer(AsyncConsumer):
         try:
             uid = await auth.verify_login(body.login_key)
         except auth.LoginRefused:
-            await self.send_frame(MsgType.LOGIN, code=Code.LOGIN_REFUSED, msg="login refused", seq=frame.seq)
+            await self.send_frame(MsgType.ERROR, code=Code.LOGIN_REFUSED, msg="login refused", seq=frame.seq)
             return
         except BackendUnavailable as error:
-            await self.send_frame(MsgType.LOGIN, code=Code.UNAVAILABLE, msg=str(error), seq=frame.seq)
+            await self.send_frame(MsgType.ERROR, code=Code.UNAVAILABLE, msg=str(error), seq=frame.seq)
             return
         if self.closed:
             return
@@ -228,7 +230,7 @@ class PushConsumer(AsyncConsumer):
             )
         except BackendUnavailable as error:
             await self._leave_session(closing=False)
-            await self.send_frame(MsgType.LOGIN, code=Code.UNAVAILABLE, msg=str(error), seq=frame.seq)
+            await self.send_frame(MsgType.ERROR, code=Code.UNAVAILABLE, msg=str(error), seq=frame.seq)
             return
         await self.send_frame(MsgType.LOGIN, uid=uid, body={"uid": uid, "unread": session.unread_counts}, seq=frame.seq)
         await self._replay(session.unsent)

@@ -97,8 +97,6 @@ class Hub:
         kind = message.get("kind")
         if kind == "push":
             self.loop.create_task(self._deliver(message["groups"]))
-        elif kind == "kick":
-            self.loop.create_task(self._kick_users(message["uids"], message.get("code", 4001), message.get("msg", "")))
         else:
             log.error("dropped a bus message of unknown kind %r", kind)
 
@@ -126,11 +124,6 @@ class Hub:
     def record_sent(self, uid: int, noce_ack: str) -> None:
         self._sent.append((uid, noce_ack))
         self._sent_wakeup.set()
-
-    async def _kick_users(self, uids: list[int], code: int, msg: str) -> None:
-        for uid in uids:
-            for consumer in tuple(self.users.get(uid, ())):
-                await consumer.kick(code=code, close_code=CloseCode.NORMAL, msg=msg)
 
     # --- housekeeping -------------------------------------------------------
 
@@ -163,7 +156,9 @@ class Hub:
         while True:
             timeout = settings.PUSH_IDLE_TIMEOUT
             await asyncio.sleep(max(0.05, min(5.0, timeout / 4)))
-            cutoff = self.loop.time() - timeout
+            # A little grace: a client that heartbeats exactly every timeout
+            # seconds after the last frame it got must not lose the race.
+            cutoff = self.loop.time() - timeout - min(5.0, timeout / 20)
             for consumer in [c for c in self.sockets.values() if c.last_active < cutoff]:
                 await consumer.kick(code=CloseCode.IDLE_TIMEOUT, close_code=CloseCode.IDLE_TIMEOUT, msg="idle timeout")
             if asyncio.current_task() not in self._tasks:

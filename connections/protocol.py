@@ -218,6 +218,17 @@ def _seq_of(data: dict[str, Any]) -> int | None:
     return None
 
 
+def seq_of(text: str | None, *, max_bytes: int) -> int | None:
+    """The valid seq of a frame that is refused before parsing (rate limit), if any."""
+    if text is None or len(text) > max_bytes:
+        return None
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return _seq_of(data) if isinstance(data, dict) else None
+
+
 def parse_frame(text: str | None, *, max_bytes: int) -> ClientFrame | FrameError:
     """Parse one client text frame into a typed envelope, or say what is wrong."""
     if text is None:

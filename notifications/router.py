@@ -1,5 +1,7 @@
 """Routes each shard model to the database alias that holds its table."""
 
+from django.conf import settings
+
 from .sharding import shard_alias
 
 
@@ -16,4 +18,6 @@ class ShardRouter:
         return None
 
     def allow_migrate(self, db, app_label, model_name=None, **hints):
-        return None
+        # A database that only holds shards gets no Django tables; its shard
+        # tables come from init_push_tables (and the post_migrate hook).
+        return False if db != "default" and db in settings.PUSH_SHARD_DATABASES else None

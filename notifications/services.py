@@ -91,10 +91,18 @@ def _inline_runner() -> ThreadPoolExecutor:
 def _run_inline(job_id: uuid.UUID) -> None:
     try:
         push_job_run(job_id=job_id)
-    except Exception:
+    except Exception as error:
         log.exception("job %s failed", job_id)
+        push_job_fail(job_id=job_id, error=error)
     finally:
         close_old_connections()
+
+
+def push_job_fail(*, job_id: uuid.UUID | str, error: BaseException) -> None:
+    """Give up on a job: it stays failed (rows it stored are kept and delivered)."""
+    PushJob.objects.filter(id=job_id).exclude(state=JobState.DONE).update(
+        state=JobState.FAILED, error=f"{error.__class__.__name__}: {error}"[:2000], finished_at=timezone.now()
+    )
 
 
 def push_job_run(*, job_id: uuid.UUID | str, batch_size: int | None = None) -> PushJob:

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 say() { printf '\033[1m[test]\033[0m %s\n' "$*"; }
 
-PUSH_CREATE_DATABASES="pushsite" scripts/setup.sh --dev
+PUSH_CREATE_DATABASES="pushsite pushsite_shard_a pushsite_shard_b" scripts/setup.sh --dev
 
 say "ruff"
 .venv/bin/ruff check .
@@ -30,6 +30,7 @@ PYTEST_ARGS=("$@")
 
 run_pytest "MariaDB + Redis" \
   DATABASE_URL=mysql://root@127.0.0.1:3306/pushsite \
+  PUSH_SHARD_DATABASE_URLS=mysql://root@127.0.0.1:3306/pushsite_shard_a,mysql://root@127.0.0.1:3306/pushsite_shard_b \
   REDIS_URL=redis://127.0.0.1:6379/15
 
 run_pytest "embedded (SQLite + in-process)" -u DATABASE_URL -u REDIS_URL -u CELERY_BROKER_URL \

@@ -38,6 +38,16 @@ def pytest_report_header(config: pytest.Config) -> str:
     return f"pushsite configuration: database={db}, redis={layer}"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """With shards on their own databases, every DB test sets up and cleans them all."""
+    if len(django_settings.DATABASES) == 1:
+        return
+    for item in items:
+        marker = item.get_closest_marker("django_db")
+        if marker is not None and "databases" not in marker.kwargs:
+            item.add_marker(pytest.mark.django_db(*marker.args, **marker.kwargs, databases="__all__"))
+
+
 class VerifyServer:
     """The main site's verify endpoint (PROTOCOL.md section 3), for real, on loopback.
 

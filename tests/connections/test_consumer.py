@@ -57,7 +57,7 @@ async def test_login_with_token_records_app_client_type(connect, verifier, new_u
 async def test_unknown_login_key_gets_401_and_socket_stays_usable(connect, verifier):
     sock = await connect()
     reply = await sock.login("nobody-knows-me")
-    assert reply["msg_type"] == MsgType.LOGIN and reply["code"] == Code.LOGIN_REFUSED
+    assert reply["msg_type"] == MsgType.ERROR and reply["code"] == Code.LOGIN_REFUSED
     assert (await sock.request("heartbeat"))["code"] == 200
 
 
@@ -65,7 +65,7 @@ async def test_main_site_error_gets_503_and_socket_stays_usable(connect, verifie
     sock = await connect()
     for key in ("error", "garbage"):
         reply = await sock.login(key)
-        assert reply["code"] == Code.UNAVAILABLE, reply
+        assert reply["msg_type"] == MsgType.ERROR and reply["code"] == Code.UNAVAILABLE, reply
         assert "login service" in reply["msg"]
     assert (await sock.request("heartbeat"))["code"] == 200
 
@@ -252,9 +252,11 @@ async def test_flood_of_frames_gets_429_and_socket_recovers(connect, settings):
     sock = await connect()
     for _ in range(10):
         await sock.send("heartbeat")
-    codes = [(await sock.recv())["code"] for _ in range(10)]
+    replies = [await sock.recv() for _ in range(10)]
+    codes = [reply["code"] for reply in replies]
     assert codes.count(200) >= 5 and codes.count(Code.TOO_MANY) >= 4
     assert codes[:5] == [200] * 5
+    assert [reply["seq"] for reply in replies] == list(range(1, 11))
     await asyncio.sleep(0.5)
     assert (await sock.request("heartbeat"))["code"] == 200
 

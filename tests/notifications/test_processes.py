@@ -1,0 +1,110 @@
+"""Across real processes: two daphne nodes on one Redis, and a real Celery worker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+import pytest
+import websockets
+from channels.db import database_sync_to_async
+from django.conf import settings
+
+from connections.models import Connection
+from notifications.client import PushClient
+from tests.servers import celery_worker, daphne
+
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.slow,
+    pytest.mark.skipif(not settings.REDIS_URL, reason="processes share a bus only through Redis"),
+]
+
+
+async def open_socket(node, uid: int) -> Any:
+    ws = await websockets.connect(f"ws://127.0.0.1:{node.port}/ws/push/")
+    await ws.send(json.dumps({"action": "login", "body": {"ukey": f"key-{uid}"}, "seq": 1}))
+    reply = json.loads(await asyncio.wait_for(ws.recv(), 5))
+    assert reply["code"] == 200, reply
+    return ws
+
+
+async def next_frame(ws, timeout: float = 5) -> dict[str, Any]:
+    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
+
+
+def client_for(node) -> PushClient:
+    return PushClient(f"http://127.0.0.1:{node.port}", secret=settings.PUSH_API_SECRET)
+
+
+@pytest.fixture
+def nodes(verifier):
+    started = [daphne(f"node{i}", PUSH_JOBS="inline", PUSH_NODE_ID=f"node{i}-{uuid.uuid4().hex[:6]}") for i in (1, 2)]
+    try:
+        for node in started:
+            node.start()
+        yield started
+    finally:
+        for node in started:
+            node.stop()
+
+
+@database_sync_to_async
+def nodes_of(uids: list[int]) -> set[str]:
+    return set(Connection.objects.filter(uid__in=uids).values_list("node", flat=True))
+
+
+async def test_broadcast_and_user_push_reach_sockets_on_both_nodes(nodes, new_uid):
+    node_a, node_b = nodes
+    uids = [new_uid() for _ in range(4)]
+    sockets = {uid: await open_socket(node_a if i % 2 else node_b, uid) for i, uid in enumerate(uids)}
+    second_tab = await open_socket(node_a, uids[0])  # uids[0] lives on node b too
+    try:
+        assert len(await nodes_of(uids)) == 2
+
+        answer = await asyncio.to_thread(client_for(node_a).system_message, {"notice": "both"})
+        assert answer["code"] == 202
+        for uid, ws in [*sockets.items(), (uids[0], second_tab)]:
+            frame = await next_frame(ws)
+            assert frame["msg_type"] == 6 and frame["body"] == {"to_uid": uid, "notice": "both"}
+
+        target = uids[0]
+        answer = await asyncio.to_thread(client_for(node_a).user_message, [target], {"only": "you"})
+        assert answer["data"]["sent"] == 1
+        for ws in (sockets[target], second_tab):
+            assert (await next_frame(ws))["body"] == {"to_uid": target, "only": "you"}
+        for uid in uids[1:]:
+            with pytest.raises(TimeoutError):
+                await next_frame(sockets[uid], timeout=0.3)
+    finally:
+        for ws in [*sockets.values(), second_tab]:
+            await ws.close()
+
+
+async def test_real_celery_worker_runs_a_large_push_to_a_socket(verifier, new_uid):
+    queue = f"pushtest-{uuid.uuid4().hex[:8]}"
+    node = daphne("node", PUSH_JOBS="celery", PUSH_API_INLINE_MAX_UIDS=1, PUSH_CELERY_QUEUE=queue)
+    worker = celery_worker("worker", PUSH_CELERY_QUEUE=queue)
+    try:
+        node.start()
+        worker.start()
+        uid, offline = new_uid(), new_uid()
+        ws = await open_socket(node, uid)
+        answer = await asyncio.to_thread(client_for(node).user_message, [uid, offline], {"via": "celery"})
+        assert answer["code"] == 202
+        frame = await next_frame(ws, timeout=15)
+        assert frame["msg_type"] == 7 and frame["body"] == {"to_uid": uid, "via": "celery"}
+        job = await asyncio.to_thread(client_for(node).job, answer["data"]["job_id"])
+        for _ in range(50):
+            if job["data"]["state"] == "done":
+                break
+            await asyncio.sleep(0.1)
+            job = await asyncio.to_thread(client_for(node).job, answer["data"]["job_id"])
+        assert job["data"]["state"] == "done" and job["data"]["stored"] == 2 and job["data"]["sent"] == 1
+        assert "run_push_job" in worker.output()
+        await ws.close()
+    finally:
+        worker.stop()
+        node.stop()

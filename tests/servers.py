@@ -1,0 +1,148 @@
+"""Real server processes for tests: daphne nodes and Celery workers.
+
+Each process gets the environment of the test's own configuration: the test
+database pytest-django created (so rows written by the process are visible to
+the test), the same Redis, the test's Redis key prefix and the local verify
+server. Logs go to a file that is printed when the process fails to start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def database_url(alias: str = "default") -> str:
+    """A URL for the database the test run uses (pytest-django's test database)."""
+    db = settings.DATABASES[alias]
+    if db["ENGINE"] != "django.db.backends.mysql":
+        raise RuntimeError("server processes share the database only in the MariaDB configuration")
+    auth = db["USER"] + (f":{db['PASSWORD']}" if db.get("PASSWORD") else "")
+    return f"mysql://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 3306}/{db['NAME']}"
+
+
+def server_env(**overrides: Any) -> dict[str, str]:
+    """The environment of a pushsite process that shares this test's backends."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "PUSH_ENV": "test",
+            "DATABASE_URL": database_url(),
+            "REDIS_URL": settings.REDIS_URL,
+            "PUSH_REDIS_PREFIX": settings.PUSH_REDIS_PREFIX,
+            "PUSH_AUTH_VERIFY_URL": settings.PUSH_AUTH_VERIFY_URL,
+            "PUSH_AUTH_VERIFY_TOKEN": settings.PUSH_AUTH_VERIFY_TOKEN,
+            "PUSH_API_SECRET": settings.PUSH_API_SECRET,
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    shard_urls = [database_url(alias) for alias in settings.PUSH_SHARD_DATABASES if alias != "default"]
+    if shard_urls:
+        env["PUSH_SHARD_DATABASE_URLS"] = ",".join(shard_urls)
+    env.update({k: str(v) for k, v in overrides.items()})
+    return env
+
+
+class ServerProcess:
+    """A child process with a log file; stopped (or killed) at the end."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], port: int | None = None) -> None:
+        self.name = name
+        self.args = args
+        self.env = env
+        self.port = port
+        self.log = Path(tempfile.mkstemp(prefix=f"pushsite-{name}-", suffix=".log")[1])
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, ready_timeout: float = 30) -> ServerProcess:
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                self.args, cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + ready_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.output()}")
+            if self.ready():
+                return self
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"{self.name} not ready after {ready_timeout}s:\n{self.output()}")
+
+    def ready(self) -> bool:
+        if self.port is None:
+            return True
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+            return True
+        return False
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-6000:]
+
+    def kill(self) -> None:
+        """SIGKILL: the process dies without any cleanup, as in a crash."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def daphne(name: str = "daphne", **env: Any) -> ServerProcess:
+    port = free_port()
+    return ServerProcess(
+        name,
+        [str(BIN / "daphne"), "-b", "127.0.0.1", "-p", str(port), "pushsite.asgi:application"],
+        server_env(**env),
+        port=port,
+    )
+
+
+class WorkerProcess(ServerProcess):
+    """A Celery worker; ready once it says so in its log."""
+
+    def ready(self) -> bool:
+        return "ready." in self.log.read_text(errors="replace")
+
+
+def celery_worker(name: str = "worker", **env: Any) -> WorkerProcess:
+    return WorkerProcess(
+        name,
+        [
+            str(BIN / "celery"),
+            "-A",
+            "pushsite",
+            "worker",
+            "--pool=solo",
+            "--loglevel=INFO",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ],
+        server_env(**env),
+    )
