@@ -115,8 +115,6 @@ async def ask_main_site(login_key: str) -> int:
 
 
 async def _verify_uncached(login_key: str) -> int:
-    if dev_verifier_active():
-        return dev_verify(login_key)
     if not settings.PUSH_AUTH_VERIFY_URL:
         raise BackendUnavailable("no login verifier is configured (PUSH_AUTH_VERIFY_URL)")
     return await ask_main_site(login_key)
@@ -152,6 +150,11 @@ async def _verify_shared(key: str, login_key: str) -> int:
 
 async def verify_login(login_key: str) -> int:
     """The uid a login key belongs to; raises LoginRefused or BackendUnavailable."""
+    if dev_verifier_active():
+        uid = dev_verify(login_key)
+        if not uid:
+            raise LoginRefused
+        return uid
     key = _cache_key(login_key)
     try:
         cached = await bridge.call(_cache_get, key=key)

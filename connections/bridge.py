@@ -1,8 +1,10 @@
 """The one way consumers reach the database and other blocking backends.
 
-Every call runs in Channels' database thread (which closes stale connections
-around it), and backend failures come out as ``BackendUnavailable`` so the
-consumer can answer 503 and keep the socket. Because no ORM call happens
+Every call runs in a small pool of database threads (each closes stale
+connections around its call, as Channels' own bridge does), and backend
+failures come out as ``BackendUnavailable`` so the consumer can answer 503 and
+keep the socket. A pool rather than Channels' one thread-sensitive thread:
+logins from thousands of sockets would otherwise queue behind each other. Because no ORM call happens
 outside this module, the consumer may skip Channels' per-message
 ``aclose_old_connections`` (connections/consumers.py).
 """
@@ -10,15 +12,26 @@ outside this module, the consumer may skip Channels' per-message
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import redis
-from channels.db import database_sync_to_async
+from channels.db import DatabaseSyncToAsync
+from django.conf import settings
 from django.db import DatabaseError, IntegrityError
 
 from pushsite.errors import BackendUnavailable
 
 T = TypeVar("T")
+
+
+def _db_threads() -> int:
+    """Enough threads to overlap database round trips; each holds one connection.
+
+    SQLite takes one writer at a time (and its shared in-memory test database
+    fails rather than waits), so it gets one thread, like Channels' own bridge.
+    """
+    return 1 if settings.DATABASES["default"]["ENGINE"].endswith("sqlite3") else 8
 
 
 def _guarded(fn: Callable[..., T], kwargs: dict[str, Any]) -> T:
@@ -32,7 +45,11 @@ def _guarded(fn: Callable[..., T], kwargs: dict[str, Any]) -> T:
         raise BackendUnavailable(f"redis unavailable: {error.__class__.__name__}") from error
 
 
-_run = database_sync_to_async(_guarded)
+_run = DatabaseSyncToAsync(
+    _guarded,
+    thread_sensitive=False,
+    executor=ThreadPoolExecutor(max_workers=_db_threads(), thread_name_prefix="pushsite-db"),
+)
 
 
 async def call(fn: Callable[..., T], /, **kwargs: Any) -> T:

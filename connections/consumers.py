@@ -103,8 +103,10 @@ class PushConsumer(AsyncConsumer):
             return
         await self.send_frame(MsgType.KICK, code=code, msg=msg)
         self.closed = True
-        await self.base_send({"type": "websocket.close", "code": int(close_code)})
+        # Clean up before the close frame, so a client that sees the close
+        # can rely on its relation row being gone.
         await self._leave_session(closing=True)
+        await self.base_send({"type": "websocket.close", "code": int(close_code)})
         if self.hub is not None and self.conn_id is not None:
             await self.hub.detach(self)
 

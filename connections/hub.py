@@ -53,6 +53,7 @@ class Hub:
         self._sent: list[tuple[int, str]] = []
         self._sent_wakeup = asyncio.Event()
         self._pending_closes: list[tuple[int, str]] = []
+        self._inflight: set[asyncio.Future[Any]] = set()
 
     # --- membership --------------------------------------------------------
 
@@ -150,7 +151,17 @@ class Hub:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        # A cancelled task's database call goes on in its thread; let it end
+        # so nothing of this hub touches the database after stop().
+        await asyncio.gather(*self._inflight, return_exceptions=True)
         await self._flush_sent()
+
+    async def _db(self, fn: Any, /, **kwargs: Any) -> Any:
+        """A housekeeping database call that stop() waits for, even when cancelled."""
+        future = asyncio.ensure_future(bridge.call(fn, **kwargs))
+        self._inflight.add(future)
+        future.add_done_callback(self._inflight.discard)
+        return await asyncio.shield(future)
 
     async def _sweep_idle(self) -> None:
         while True:
@@ -167,14 +178,14 @@ class Hub:
     async def _node_loop(self) -> None:
         while True:
             try:
-                await bridge.call(services.node_heartbeat, node=self.node)
-                reaped = await bridge.call(services.node_reap_dead)
+                await self._db(services.node_heartbeat, node=self.node)
+                reaped = await self._db(services.node_reap_dead)
                 if reaped:
                     log.info("cleared %d relation rows of dead nodes", reaped)
                 pending, self._pending_closes = self._pending_closes, []
                 for index, (uid, conn_id) in enumerate(pending):
                     try:
-                        await bridge.call(services.connection_close, uid=uid, conn_id=conn_id)
+                        await self._db(services.connection_close, uid=uid, conn_id=conn_id)
                     except BackendUnavailable:
                         self._pending_closes.extend(pending[index:])
                         break
@@ -196,7 +207,7 @@ class Hub:
         from notifications.store import messages_mark_sent
 
         try:
-            await bridge.call(messages_mark_sent, pairs=batch)
+            await self._db(messages_mark_sent, pairs=batch)
         except BackendUnavailable as error:
             # Not marking sent only means a later run may deliver it again;
             # clients de-duplicate by noce_ack. Keep the batch bounded.

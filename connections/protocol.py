@@ -172,7 +172,7 @@ class AckBody(_Strict):
 
 class UnreadBody(_Strict):
     limit: Annotated[int, Field(ge=1, le=MAX_UNREAD_LIMIT)] = 50
-    msg_type: Literal[5, 6, 7] | None = None
+    msg_type: Annotated[int, Field(ge=5, le=7)] | None = None
 
 
 Action = Literal["login", "logout", "heartbeat", "ack", "unread"]
@@ -234,7 +234,7 @@ def parse_frame(text: str | None, *, max_bytes: int) -> ClientFrame | FrameError
     if text is None:
         return FrameError(Code.BAD_REQUEST, "binary frames are not supported: send JSON text")
     # A str of n characters holds at most 4n UTF-8 bytes: encode only when it matters.
-    if len(text) > max_bytes or (len(text) * 4 > max_bytes and len(text.encode()) > max_bytes):
+    if len(text) > max_bytes or (len(text) * 4 > max_bytes and len(text.encode("utf-8", "surrogatepass")) > max_bytes):
         return FrameError(Code.TOO_LARGE, f"frame larger than {max_bytes} bytes")
     try:
         data = json.loads(text)

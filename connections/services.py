@@ -58,7 +58,9 @@ def node_heartbeat(*, node: str) -> None:
 
 def node_reap_dead(*, dead_after: int | None = None) -> int:
     """Delete relation rows of nodes whose liveness mark went stale; return how many."""
-    cutoff = timezone.now() - timedelta(seconds=dead_after or settings.PUSH_NODE_DEAD_AFTER)
+    if dead_after is None:
+        dead_after = settings.PUSH_NODE_DEAD_AFTER
+    cutoff = timezone.now() - timedelta(seconds=dead_after)
     removed = 0
     for dead in Node.objects.filter(heartbeat_at__lt=cutoff).values_list("node_id", flat=True):
         rows = Connection.objects.filter(node=dead, update_time__lt=cutoff)

@@ -1,5 +1,6 @@
 """ASGI entry point: Django for HTTP, the push consumer for /ws/push/."""
 
+import gc
 import os
 
 from django.core.asgi import get_asgi_application
@@ -12,6 +13,15 @@ from django.conf import settings  # noqa: E402
 
 from connections.routing import websocket_urlpatterns  # noqa: E402
 from connections.security import OriginCheck  # noqa: E402
+from pushsite.server import install_close_codes  # noqa: E402
+
+install_close_codes()
+
+# Thousands of long-lived consumer objects make every gen-0 collection walk a
+# young generation that never empties; collecting less often roughly doubled
+# fan-out at 10k sockets (docs/performance.md).
+if settings.PUSH_GC_THRESHOLD:
+    gc.set_threshold(*settings.PUSH_GC_THRESHOLD)
 
 http_app = django_asgi_app
 if settings.PUSH_SERVE_STATIC:

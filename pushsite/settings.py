@@ -283,6 +283,8 @@ PUSH_NODE_HEARTBEAT = env_int("PUSH_NODE_HEARTBEAT", 10)
 PUSH_NODE_DEAD_AFTER = env_int("PUSH_NODE_DEAD_AFTER", 35)
 PUSH_REDIS_PREFIX = env_str("PUSH_REDIS_PREFIX", "pushsite")
 PUSH_WS_PUBLIC_URL = env_str("PUSH_WS_PUBLIC_URL")
+# gen-0, gen-1, gen-2 thresholds of the server's garbage collector; empty keeps Python's.
+PUSH_GC_THRESHOLD = tuple(int(x) for x in env_list("PUSH_GC_THRESHOLD", ["50000", "20", "20"]))
 PUSH_ALLOWED_ORIGINS = env_list("PUSH_ALLOWED_ORIGINS", [] if PRODUCTION else ["*"])
 
 # --- Production ------------------------------------------------------------
@@ -300,8 +302,8 @@ if PRODUCTION:
     _problems = []
     if DEBUG:
         _problems.append("DJANGO_DEBUG is on")
-    if SECRET_KEY == DEV_SECRET_KEY:
-        _problems.append("DJANGO_SECRET_KEY is unset (the development key is refused)")
+    if SECRET_KEY == DEV_SECRET_KEY or len(SECRET_KEY) < 50:
+        _problems.append("DJANGO_SECRET_KEY is unset or shorter than 50 characters")
     if PUSH_API_SECRET == DEV_PUSH_API_SECRET or len(PUSH_API_SECRET) < 16:
         _problems.append("PUSH_API_SECRET is unset or shorter than 16 characters")
     if not PUSH_AUTH_VERIFY_URL or not PUSH_AUTH_VERIFY_TOKEN:
