@@ -62,8 +62,11 @@ def _groups(messages: Sequence[NewMessage]) -> list[dict[str, Any]]:
 
 
 def _publish_through_layer(messages: Sequence[NewMessage]) -> None:
+    async_to_sync(_group_send_each)(messages)
+
+
+async def _group_send_each(messages: Sequence[NewMessage]) -> None:
     layer = get_channel_layer()
-    send = async_to_sync(layer.group_send)
     for m in messages:
         text = PushTemplate(m.msg_type, from_uid=m.from_uid, body=m.body).render(m.to_uid, m.noce_ack)
-        send(user_group(m.to_uid), {"type": "push.frame", "text": text, "noce_ack": m.noce_ack})
+        await layer.group_send(user_group(m.to_uid), {"type": "push.frame", "text": text, "noce_ack": m.noce_ack})
