@@ -2,7 +2,7 @@
 
 from django.conf import settings
 
-from .sharding import shard_alias
+from .sharding import SHARD_COUNT, shard_alias
 
 
 class ShardRouter:
@@ -10,7 +10,7 @@ class ShardRouter:
 
     def db_for_read(self, model, **hints):
         shard = getattr(model, "shard", None)
-        return shard_alias(shard) if isinstance(shard, int) else None
+        return shard_alias(shard) if isinstance(shard, int) and 0 <= shard < SHARD_COUNT else None
 
     db_for_write = db_for_read
 

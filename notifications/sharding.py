@@ -56,9 +56,10 @@ def message_model(shard: int) -> type[models.Model]:
         raise ValueError(f"shard must be 0..{SHARD_COUNT - 1}, got {shard}")
     from .models import PushMessageBase
 
+    # Meta must inherit the abstract base's, or the indexes are lost.
     meta = type(
         "Meta",
-        (),
+        (PushMessageBase.Meta,),
         {"db_table": shard_table(shard), "managed": False, "apps": shard_apps, "app_label": "notifications"},
     )
     return type(

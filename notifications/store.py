@@ -49,8 +49,20 @@ def shard_tables_create(*, aliases: Iterable[str] | None = None) -> dict[str, li
         with connection.schema_editor() as editor:
             for shard in missing:
                 editor.create_model(message_model(shard))
+            for shard in shards:
+                if shard not in missing:
+                    _add_missing_indexes(connection, editor, message_model(shard))
         created[alias] = missing
     return created
+
+
+def _add_missing_indexes(connection: Any, editor: Any, model: Any) -> None:
+    """Tables made before an index was declared get it now."""
+    with connection.cursor() as cursor:
+        present = set(connection.introspection.get_constraints(cursor, model._meta.db_table))
+    for index in model._meta.indexes:
+        if index.name not in present:
+            editor.add_index(model, index)
 
 
 def shard_tables_create_on_migrate(*, using: str = "default", **kwargs: Any) -> None:
