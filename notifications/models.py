@@ -3,6 +3,8 @@
 ``PushMessageBase`` is abstract; ``message_model(n)`` makes the concrete class
 of table ``user_push_msg_<n>``. ``noce_ack`` is unique per table and, being
 random or derived from a run id and the uid, unique across tables too.
+``PushMessage`` exists only so the admin has a registered model (URLs,
+permissions); the admin reads rows through ``message_model(n)``.
 """
 
 from django.db import models
@@ -32,6 +34,24 @@ class PushMessageBase(models.Model):
 
     def __str__(self) -> str:
         return f"{self.noce_ack} -> {self.to_uid}"
+
+
+class PushMessage(PushMessageBase):
+    """Shard 0's table as seen from the normal app registry, for the admin.
+
+    The admin needs one registered model for its URLs and permissions; the
+    rows it shows come from ``message_model(shard)`` (notifications/admin.py).
+    Unmanaged, so migrations never touch the table; ``shard = 0`` because the
+    table is shard 0's, so the router sends a stray query to the database that
+    really holds it.
+    """
+
+    shard = 0
+
+    class Meta:
+        managed = False
+        db_table = "user_push_msg_0"
+        verbose_name = "message"
 
 
 class JobState(models.TextChoices):

@@ -7,9 +7,12 @@ Invariants:
   notices become a ``PushJob`` committed before anything is queued, so an
   accepted push survives a lost queue message (``push_jobs_requeue_stale``);
 * running a job twice, or resuming one cut off, stores no duplicate row: its
-  noce_acks are derived from the job id and the uid.
+  noce_acks are derived from the job id and the uid;
+* an admin resend publishes rows that exist, under their own noce_acks, and
+  never a row the user has read.
 
-Guarded by tests/notifications/test_api.py and tests/notifications/test_jobs.py.
+Guarded by tests/notifications/test_api.py, tests/notifications/test_delivery.py
+and tests/notifications/test_admin.py (resend).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from connections.protocol import MsgType
 
 from .models import JobState, PushJob
 from .publish import publish_stored
+from .sharding import message_model
 from .store import NewMessage, messages_store
 
 log = logging.getLogger(__name__)
@@ -177,3 +181,25 @@ def push_jobs_requeue_stale(*, older_than: int = 300) -> int:
     for job_id in stale:
         push_job_enqueue(job_id=job_id)
     return len(stale)
+
+
+def messages_resend(*, shard: int, ids: list[int]) -> int:
+    """Publish again the selected rows of one shard that are not read; returns how many were online.
+
+    Nothing is stored: the rows exist and keep their noce_acks, so a client
+    that did get one the first time recognises the repeat. A row marked sent
+    is resent too, because sent means handed to a socket, not seen.
+    """
+    bus.check_available()
+    rows = message_model(shard).objects.filter(id__in=ids, is_read=False).order_by("id")
+    messages = [
+        NewMessage(
+            to_uid=row.to_uid,
+            msg_type=MsgType(row.msg_type),
+            body=row.body,
+            from_uid=row.from_uid,
+            noce_ack=row.noce_ack,
+        )
+        for row in rows
+    ]
+    return publish_stored(messages=messages)
