@@ -74,6 +74,9 @@ class PushJob(models.Model):
     from_uid = models.BigIntegerField(default=0)
     body = models.JSONField()
     uids = models.JSONField(null=True, blank=True, help_text="null: every online user")
+    periodic = models.BooleanField(
+        default=False, help_text="a broadcast run: push only to users with no earlier unread notice of this type"
+    )
     state = models.CharField(max_length=10, choices=JobState.choices, default=JobState.PENDING, db_index=True)
     cursor = models.BigIntegerField(default=0, help_text="last relation row id done (system jobs)")
     stored = models.IntegerField(default=0)
@@ -93,3 +96,25 @@ class PushJob(models.Model):
 
     def noce_ack_for(self, uid: int) -> str:
         return f"{self.id.hex}-{uid}"
+
+
+class ScheduleRun(models.Model):
+    """The outcome of one periodic run, for push_status and the admin."""
+
+    class State(models.TextChoices):
+        RUNNING = "running"
+        OK = "ok"
+        FAILED = "failed"
+
+    name = models.CharField(max_length=200, db_index=True)
+    state = models.CharField(max_length=10, choices=State.choices)
+    detail = models.TextField(blank=True)
+    started_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        db_table = "push_schedule_run"
+        ordering = ["-started_at"]
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.state} at {self.started_at:%Y-%m-%d %H:%M:%S}"

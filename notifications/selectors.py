@@ -6,6 +6,7 @@ Guarded by tests/notifications/test_store.py.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +14,7 @@ from django.db.models import Count
 
 from connections.protocol import MsgType, PushTemplate
 
-from .sharding import model_for_uid
+from .sharding import message_model, model_for_uid, shard_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,3 +68,19 @@ def unsent_for_user(*, uid: int, limit: int) -> list[Unsent]:
         )
         for row in rows
     ]
+
+
+def still_unread_of_type(*, uids: list[int], msg_type: int, excluding_prefix: str) -> set[int]:
+    """Users who have an unread message of this type other than those whose noce_ack has the prefix."""
+    by_shard: dict[int, list[int]] = defaultdict(list)
+    for uid in uids:
+        by_shard[shard_of(uid)].append(uid)
+    found: set[int] = set()
+    for shard, shard_uids in by_shard.items():
+        found.update(
+            message_model(shard)
+            .objects.filter(to_uid__in=shard_uids, msg_type=msg_type, is_read=False)
+            .exclude(noce_ack__startswith=excluding_prefix)
+            .values_list("to_uid", flat=True)
+        )
+    return found

@@ -11,8 +11,8 @@ Invariants:
 * an admin resend publishes rows that exist, under their own noce_acks, and
   never a row the user has read.
 
-Guarded by tests/notifications/test_api.py, tests/notifications/test_delivery.py
-and tests/notifications/test_admin.py (resend).
+Guarded by tests/notifications/test_api.py, tests/notifications/test_delivery.py,
+tests/notifications/test_periodic.py and tests/notifications/test_admin.py (resend).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
@@ -31,11 +32,12 @@ from django.db.models import F
 from django.utils import timezone
 
 from connections import bus
-from connections.models import Connection, UserStatus
 from connections.protocol import MsgType
+from connections.selectors import online_uid_batches
 
 from .models import JobState, PushJob
 from .publish import publish_stored
+from .selectors import still_unread_of_type
 from .sharding import message_model
 from .store import NewMessage, messages_store
 
@@ -109,8 +111,16 @@ def push_job_fail(*, job_id: uuid.UUID | str, error: BaseException) -> None:
     )
 
 
-def push_job_run(*, job_id: uuid.UUID | str, batch_size: int | None = None) -> PushJob:
-    """Store and publish a job's messages, batch by batch; safe to run again."""
+def push_job_run(
+    *,
+    job_id: uuid.UUID | str,
+    batch_size: int | None = None,
+    progress: Callable[[int, int, int], None] | None = None,
+) -> PushJob:
+    """Store and publish a job's messages, batch by batch; safe to run again.
+
+    ``progress(users, stored, sent)`` is called after each batch.
+    """
     batch_size = batch_size or settings.PUSH_JOB_BATCH
     job = PushJob.objects.get(id=job_id)
     if job.state == JobState.DONE:
@@ -129,10 +139,17 @@ def push_job_run(*, job_id: uuid.UUID | str, batch_size: int | None = None) -> P
                 for uid in uids
             ]
             stored = messages_store(messages=messages, ignore_existing=True)
+            if job.periodic:
+                # A periodic run stores the notice for everyone but pushes it
+                # only to users who have read the earlier ones of its type.
+                waiting = still_unread_of_type(uids=uids, msg_type=job.msg_type, excluding_prefix=job.id.hex)
+                messages = [m for m in messages if m.to_uid not in waiting]
             sent = publish_stored(messages=messages)
             PushJob.objects.filter(id=job.id).update(
                 stored=F("stored") + stored, sent=F("sent") + sent, cursor=job.cursor
             )
+            if progress is not None:
+                progress(len(uids), stored, sent)
     except Exception as error:
         PushJob.objects.filter(id=job.id).update(error=f"{error.__class__.__name__}: {error}"[:2000])
         raise
@@ -144,30 +161,20 @@ def push_job_run(*, job_id: uuid.UUID | str, batch_size: int | None = None) -> P
 def _job_batches(job: PushJob, batch_size: int):
     """Target uids in batches; for a system job, online users walked by relation id.
 
-    The cursor advances only after a batch is stored, so a job cut off resumes
-    where it stopped; uids seen in this run are skipped (several sockets).
+    The cursor is saved only after a batch is stored, so a job cut off resumes
+    where it stopped.
     """
     if job.uids is not None:
         uids = list(job.uids)
         for start in range(0, len(uids), batch_size):
             yield uids[start : start + batch_size]
         return
-    seen: set[int] = set()
-    while True:
-        rows = list(
-            Connection.objects.filter(user_status=UserStatus.ONLINE, id__gt=job.cursor)
-            .order_by("id")
-            .values_list("id", "uid")[:batch_size]
-        )
-        if not rows:
-            return
-        batch = [uid for _, uid in rows if uid not in seen]
-        seen.update(batch)
-        job.cursor = rows[-1][0]
-        if batch:
-            yield list(dict.fromkeys(batch))
+    for cursor, uids in online_uid_batches(batch_size=batch_size, after=job.cursor):
+        job.cursor = cursor
+        if uids:
+            yield uids
         else:
-            PushJob.objects.filter(id=job.id).update(cursor=job.cursor)
+            PushJob.objects.filter(id=job.id).update(cursor=cursor)
 
 
 def push_jobs_requeue_stale(*, older_than: int = 300) -> int:

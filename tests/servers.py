@@ -4,6 +4,12 @@ Each process gets the environment of the test's own configuration: the test
 database pytest-django created (so rows written by the process are visible to
 the test), the same Redis, the test's Redis key prefix and the local verify
 server. Logs go to a file that is printed when the process fails to start.
+
+``server_env`` needs MariaDB (it copies the test's settings). Processes that run
+in both configurations take ``configuration_environment`` instead, and
+``prepare_server_database`` gives them a migrated SQLite file of their own when
+the test database lives in memory (tests/connections/test_daphne.py,
+tests/e2e/test_demo_browser.py).
 """
 
 from __future__ import annotations
@@ -60,6 +66,60 @@ def server_env(**overrides: Any) -> dict[str, str]:
         env["PUSH_SHARD_DATABASE_URLS"] = ",".join(shard_urls)
     env.update({k: str(v) for k, v in overrides.items()})
     return env
+
+
+def configuration_environment(
+    var_dir: Path, *, push_env: str = "test", verify_url: str | None = None, verify_token: str = ""
+) -> dict[str, str]:
+    """The environment of a server sharing this test run's backends, and nothing else of the test's.
+
+    Unlike ``server_env`` it keeps no ``PUSH_*`` setting of the test process, and it
+    works in both configurations: with MariaDB the server uses the test databases
+    (and Redis, if configured); embedded, it gets ``var_dir`` for its own SQLite
+    file (see ``prepare_server_database``). Without ``verify_url`` a ``local``
+    server uses the development login verifier.
+    """
+    drop = {"DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL", "PUSH_SHARD_DATABASE_URLS", "DJANGO_SETTINGS_MODULE"}
+    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("PUSH_")}
+    env.update(
+        {
+            "PUSH_ENV": push_env,
+            "DJANGO_DEBUG": "false",
+            "PYTHONUNBUFFERED": "1",
+            "PUSH_VAR_DIR": str(var_dir),
+        }
+    )
+    if verify_url:
+        env.update({"PUSH_AUTH_VERIFY_URL": verify_url, "PUSH_AUTH_VERIFY_TOKEN": verify_token})
+    if settings.DATABASES["default"]["ENGINE"] == "django.db.backends.mysql":
+        # pytest-django has switched NAME to the test database: the server must use it too.
+        env["DATABASE_URL"] = database_url()
+        shard_urls = [database_url(alias) for alias in settings.PUSH_SHARD_DATABASES if alias != "default"]
+        if shard_urls:
+            env["PUSH_SHARD_DATABASE_URLS"] = ",".join(shard_urls)
+    if settings.REDIS_URL:
+        env["REDIS_URL"] = settings.REDIS_URL
+    return env
+
+
+def prepare_server_database(env: dict[str, str]) -> Path | None:
+    """Embedded: migrate the servers' own SQLite file and return its path; None with MariaDB.
+
+    The test's SQLite database lives in memory, so processes cannot share it.
+    """
+    if "DATABASE_URL" in env:
+        return None
+    subprocess.run(
+        [str(BIN / "python"), "manage.py", "migrate", "--noinput", "-v", "0"],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    sqlite_path = Path(env["PUSH_VAR_DIR"]) / "pushsite.sqlite3"
+    assert sqlite_path.exists()
+    return sqlite_path
 
 
 class ServerProcess:
@@ -143,6 +203,29 @@ def celery_worker(name: str = "worker", **env: Any) -> WorkerProcess:
             "--without-gossip",
             "--without-mingle",
             "--without-heartbeat",
+        ],
+        server_env(**env),
+    )
+
+
+class BeatProcess(ServerProcess):
+    """Celery beat with the database scheduler; ready once it has started."""
+
+    def ready(self) -> bool:
+        return "beat: Starting" in self.log.read_text(errors="replace")
+
+
+def celery_beat(name: str = "beat", **env: Any) -> BeatProcess:
+    return BeatProcess(
+        name,
+        [
+            str(BIN / "celery"),
+            "-A",
+            "pushsite",
+            "beat",
+            "--loglevel=INFO",
+            "--scheduler=django_celery_beat.schedulers:DatabaseScheduler",
+            f"--pidfile={tempfile.mktemp(prefix='pushsite-beat-', suffix='.pid')}",
         ],
         server_env(**env),
     )

@@ -15,9 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import sqlite3
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -38,36 +36,11 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from connections.models import Connection, Node, UserStatus
 from connections.protocol import MAX_SEQ, CloseCode, Code, MsgType
 from tests.conftest import REAL_BACKENDS, VERIFY_TOKEN
-from tests.servers import BIN, ROOT, ServerProcess, database_url, free_port
+from tests.servers import BIN, ServerProcess, configuration_environment, free_port, prepare_server_database
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
 needs_real = pytest.mark.skipif(not REAL_BACKENDS, reason="needs MariaDB and Redis (the real configuration)")
-
-
-def configuration_environment(verify_url: str, var_dir: Path) -> dict[str, str]:
-    """The environment of a server sharing this test run's backends (names of the test databases)."""
-    drop = {"DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL", "PUSH_SHARD_DATABASE_URLS", "DJANGO_SETTINGS_MODULE"}
-    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("PUSH_")}
-    env.update(
-        {
-            "PUSH_ENV": "test",
-            "DJANGO_DEBUG": "false",
-            "PYTHONUNBUFFERED": "1",
-            "PUSH_AUTH_VERIFY_URL": verify_url,
-            "PUSH_AUTH_VERIFY_TOKEN": VERIFY_TOKEN,
-            "PUSH_VAR_DIR": str(var_dir),
-        }
-    )
-    if django_settings.DATABASES["default"]["ENGINE"] == "django.db.backends.mysql":
-        # pytest-django has switched NAME to the test database: the server must use it too.
-        env["DATABASE_URL"] = database_url()
-        shard_urls = [database_url(alias) for alias in django_settings.PUSH_SHARD_DATABASES if alias != "default"]
-        if shard_urls:
-            env["PUSH_SHARD_DATABASE_URLS"] = ",".join(shard_urls)
-    if django_settings.REDIS_URL:
-        env["REDIS_URL"] = django_settings.REDIS_URL
-    return env
 
 
 @dataclass
@@ -131,21 +104,8 @@ class Daphne:
 def server_base(django_db_setup, verify_server, tmp_path_factory) -> dict[str, Any]:
     """What every daphne of this module shares: its environment, and its SQLite file if embedded."""
     var_dir = tmp_path_factory.mktemp("daphne-var")
-    env = configuration_environment(verify_server.url, var_dir)
-    sqlite_path: Path | None = None
-    if "DATABASE_URL" not in env:
-        # The test's SQLite database lives in memory: the servers get their own file.
-        subprocess.run(
-            [str(BIN / "python"), "manage.py", "migrate", "--noinput", "-v", "0"],
-            cwd=ROOT,
-            env=env,
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-        sqlite_path = var_dir / "pushsite.sqlite3"
-        assert sqlite_path.exists()
-    return {"env": env, "sqlite_path": sqlite_path}
+    env = configuration_environment(var_dir, verify_url=verify_server.url, verify_token=VERIFY_TOKEN)
+    return {"env": env, "sqlite_path": prepare_server_database(env)}
 
 
 @pytest.fixture(scope="module")

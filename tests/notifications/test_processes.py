@@ -13,8 +13,11 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 
 from connections.models import Connection
+from connections.protocol import MsgType
 from notifications.client import PushClient
-from tests.servers import celery_worker, daphne
+from notifications.models import ScheduleRun
+from notifications.store import NewMessage, messages_store
+from tests.servers import celery_beat, celery_worker, daphne
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -106,5 +109,48 @@ async def test_real_celery_worker_runs_a_large_push_to_a_socket(verifier, new_ui
         assert "run_push_job" in worker.output()
         await ws.close()
     finally:
+        worker.stop()
+        node.stop()
+
+
+@database_sync_to_async
+def every_second_schedule(name: str) -> None:
+    from django_celery_beat.models import IntervalSchedule, PeriodicTask
+
+    interval, _ = IntervalSchedule.objects.get_or_create(every=1, period=IntervalSchedule.SECONDS)
+    PeriodicTask.objects.create(
+        name=name, task="notifications.push_unsent", interval=interval, kwargs=json.dumps({"msg_type": 7})
+    )
+
+
+@database_sync_to_async
+def store_quietly(uid: int) -> str:
+    message = NewMessage(to_uid=uid, msg_type=MsgType.USER_NOTICE, body={"via": "beat"})
+    messages_store(messages=[message])
+    return message.noce_ack
+
+
+async def test_real_beat_and_worker_deliver_a_scheduled_run_to_a_socket(verifier, new_uid):
+    queue = f"pushtest-{uuid.uuid4().hex[:8]}"
+    await every_second_schedule("TestPushUserNotice")
+    node = daphne("node", PUSH_CELERY_QUEUE=queue)
+    worker = celery_worker("worker", PUSH_CELERY_QUEUE=queue)
+    beat = celery_beat("beat", PUSH_CELERY_QUEUE=queue)
+    try:
+        node.start()
+        worker.start()
+        uid = new_uid()
+        ws = await open_socket(node, uid)
+        # Stored but never published, as if the live push had been lost.
+        noce_ack = await store_quietly(uid)
+        beat.start()
+        frame = await next_frame(ws, timeout=30)
+        assert frame["noce_ack"] == noce_ack and frame["body"] == {"to_uid": uid, "via": "beat"}
+        run = await database_sync_to_async(ScheduleRun.objects.filter(name="TestPushUserNotice").first)()
+        assert run is not None and run.state in {"ok", "running"}
+        assert "notifications.push_unsent" in worker.output()
+        await ws.close()
+    finally:
+        beat.stop()
         worker.stop()
         node.stop()
