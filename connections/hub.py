@@ -176,6 +176,12 @@ class Hub:
                 return  # the last socket went and the hub stopped
 
     async def _node_loop(self) -> None:
+        try:
+            left = await self._db(services.node_start, node=self.node)
+            if left:
+                log.info("cleared %d relation rows left by an earlier process of node %s", left, self.node)
+        except BackendUnavailable as error:
+            log.warning("node start-up housekeeping failed: %s", error)
         while True:
             try:
                 await self._db(services.node_heartbeat, node=self.node)

@@ -28,6 +28,9 @@ from .models import Connection, Node, UserStatus
 from .presence import presence
 from .protocol import ClientType
 
+# Rows of this node id older than this were left by an earlier process.
+PROCESS_STARTED_AT = timezone.now()
+
 
 @functools.cache
 def _generated_node_id() -> str:
@@ -54,6 +57,21 @@ def node_heartbeat(*, node: str) -> None:
                 "heartbeat_at": now,
             },
         )
+
+
+def node_start(*, node: str) -> int:
+    """Mark a node alive and clear what an earlier process with its id left behind.
+
+    A node restarted under the same PUSH_NODE_ID (a systemd instance, say)
+    heartbeats at once, so the reaper would never see its old rows as dead.
+    """
+    node_heartbeat(node=node)
+    rows = Connection.objects.filter(node=node, login_time__lt=PROCESS_STARTED_AT)
+    pairs = list(rows.values_list("uid", "conn_id"))
+    if pairs:
+        rows.delete()
+        presence().remove(pairs)
+    return len(pairs)
 
 
 def node_reap_dead(*, dead_after: int | None = None) -> int:

@@ -13,6 +13,7 @@ Every method returns the decoded JSON answer; an error answer raises
 from __future__ import annotations
 
 import json
+import ssl
 import urllib.error
 import urllib.request
 from typing import Any
@@ -28,10 +29,13 @@ class PushError(Exception):
 
 
 class PushClient:
-    def __init__(self, base_url: str, *, secret: str, timeout: float = 5.0) -> None:
+    def __init__(
+        self, base_url: str, *, secret: str, timeout: float = 5.0, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.secret = secret
         self.timeout = timeout
+        self.ssl_context = ssl_context  # e.g. one that trusts a private CA
 
     def user_message(self, uids: list[int], body: dict[str, Any], *, from_uid: int = 0) -> dict[str, Any]:
         """A personal notice (msg_type 7) to each uid."""
@@ -58,7 +62,9 @@ class PushClient:
             self.base_url + path, data=data if method == "POST" else None, headers=headers, method=method
         )
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310
+            with urllib.request.urlopen(  # noqa: S310
+                request, timeout=self.timeout, context=self.ssl_context
+            ) as response:
                 return json.loads(response.read())
         except urllib.error.HTTPError as error:
             try:

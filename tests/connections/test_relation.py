@@ -312,3 +312,14 @@ async def test_two_sockets_of_one_node_have_distinct_conn_ids(connect, verifier,
     rows = await consumer_rows(uid)
     assert len({conn_id for conn_id, _ in rows}) == 2
     assert {node for _, node in rows} == {get_hub().node}
+
+
+def test_a_node_restarted_under_the_same_id_clears_what_its_earlier_process_left(settings):
+    earlier = services.PROCESS_STARTED_AT - timedelta(minutes=5)
+    services.connection_login(uid=4242, conn_id="node-r.1", node="node-r", client_type=ClientType.WEB)
+    Connection.objects.filter(conn_id="node-r.1").update(login_time=earlier, update_time=earlier)
+    services.connection_login(uid=4243, conn_id="node-r.2", node="node-r", client_type=ClientType.WEB)
+    assert services.node_start(node="node-r") == 1
+    assert list(Connection.objects.filter(node="node-r").values_list("conn_id", flat=True)) == ["node-r.2"]
+    assert presence().connections(4242) == {}
+    assert Node.objects.filter(node_id="node-r").exists()
