@@ -180,7 +180,7 @@ def push_config(request: HttpRequest) -> JsonResponse:
     if not ws_url:
         scheme = "wss" if request.is_secure() else "ws"
         ws_url = f"{scheme}://{request.get_host()}/ws/push/"
-    return JsonResponse(
+    response = JsonResponse(
         {
             "ws_url": ws_url,
             "heartbeat": 180,
@@ -193,6 +193,9 @@ def push_config(request: HttpRequest) -> JsonResponse:
             "config_ttl": 300,
         }
     )
+    # Public and the same for every page: the main site's pages (another origin) read it.
+    response["Access-Control-Allow-Origin"] = "*"
+    return response
 
 
 def healthz(request: HttpRequest) -> JsonResponse:

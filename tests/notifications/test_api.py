@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -71,6 +72,14 @@ async def test_push_config_is_public_and_cacheable(api):
     assert status == 200
     assert answer["ws_url"] == "ws://testserver/ws/push/"
     assert answer["heartbeat"] == 180 and answer["reconnect_delays"] == [60, 120, 180]
+    from channels.testing import HttpCommunicator
+
+    from pushsite.asgi import application
+
+    response = await HttpCommunicator(application, "GET", "/api/push/config").get_response()
+    headers = dict(response["headers"])
+    assert headers[b"Access-Control-Allow-Origin"] == b"*"
+    assert b"max-age=300" in headers[b"Cache-Control"]
 
 
 # --- signatures -----------------------------------------------------------------
@@ -237,3 +246,9 @@ async def test_push_to_many_uids_becomes_a_job_answered_202(api, settings, new_u
     assert status == 202 and answer["code"] == 202 and answer["msg"] == "ACCEPTED"
     assert answer["data"]["uids"] == 5
     assert await job_count() == before + 1
+    # Let the job's thread finish before the test's tables are flushed.
+    job_id = answer["data"]["job_id"]
+    for _ in range(100):
+        if await database_sync_to_async(lambda: PushJob.objects.get(id=job_id).state)() == "done":
+            break
+        await asyncio.sleep(0.05)
