@@ -20,6 +20,12 @@ as_root() {
 PACKAGES=(default-libmysqlclient-dev build-essential pkg-config python3-dev python3-venv)
 command -v mariadbd >/dev/null 2>&1 || [[ -x /usr/sbin/mariadbd ]] || PACKAGES+=(mariadb-server)
 command -v redis-server >/dev/null 2>&1 || PACKAGES+=(redis-server)
+if ((DEV)); then
+  # Browser tests drive Debian's Chromium through its chromedriver (nothing is
+  # downloaded); the client's unit tests run on Node's own test runner.
+  PACKAGES+=(chromium chromium-driver)
+  command -v node >/dev/null 2>&1 || PACKAGES+=(nodejs)
+fi
 missing=()
 for pkg in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

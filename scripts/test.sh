@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install everything and run the whole test suite, in both configurations:
+# Install everything and run the whole test suite: ruff, the browser client's
+# unit tests (node), then pytest in both configurations:
 #   1. real: MariaDB (shards split over two databases) and Redis;
 #   2. embedded: SQLite and the in-process layer.
 # Extra arguments go to pytest (for example: scripts/test.sh -k login).
@@ -12,6 +13,9 @@ PUSH_CREATE_DATABASES="pushsite pushsite_shard_a pushsite_shard_b" scripts/setup
 say "ruff"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+
+say "node: the browser client's unit tests"
+node --test tests/js/*.test.mjs
 
 export PUSH_ENV=test
 run_pytest() {  # label, then env assignments for that configuration
