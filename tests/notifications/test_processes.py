@@ -154,3 +154,31 @@ async def test_real_beat_and_worker_deliver_a_scheduled_run_to_a_socket(verifier
         beat.stop()
         worker.stop()
         node.stop()
+
+
+async def test_push_command_signs_and_posts_to_a_running_pushsite(verifier, new_uid, capsys):
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    node = daphne("node", PUSH_JOBS="inline")
+    try:
+        node.start()
+        uid = new_uid()
+        ws = await open_socket(node, uid)
+        url = f"http://127.0.0.1:{node.port}"
+        await asyncio.to_thread(
+            call_command, "push", "comment", "--uid", str(uid), "--from-uid", "7", "--body", '{"t": 1}', "--url", url
+        )
+        answer = json.loads(capsys.readouterr().out)
+        assert answer["code"] == 200 and answer["data"]["sent"] == 1
+        frame = await next_frame(ws)
+        assert frame["msg_type"] == 5 and frame["uid"] == 7 and frame["body"] == {"to_uid": uid, "t": 1}
+        with pytest.raises(CommandError, match="401"):
+            await asyncio.to_thread(
+                call_command, "push", "user", "--uid", str(uid), "--url", url, "--secret", "not-the-secret"
+            )
+        with pytest.raises(CommandError, match="needs at least one --uid"):
+            call_command("push", "user", "--url", url)
+        await ws.close()
+    finally:
+        node.stop()
