@@ -47,7 +47,9 @@ PERIODIC = {"autoretry_for": RETRYABLE, "retry_backoff": 5, "retry_backoff_max":
 
 def _schedule_name(task: Task, default: str) -> str:
     """The beat schedule that fired this run (django-celery-beat sends its name)."""
-    return getattr(task.request, "periodic_task_name", None) or default
+    request = task.request
+    # A worker exposes message headers as attributes; an inline apply() keeps them in .headers.
+    return getattr(request, "periodic_task_name", None) or (request.headers or {}).get("periodic_task_name") or default
 
 
 @shared_task(bind=True, name="notifications.push_unsent", **PERIODIC)

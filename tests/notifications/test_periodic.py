@@ -231,3 +231,41 @@ def test_periodic_broadcast_body_is_validated_before_storing():
     with pytest.raises(ValueError, match="body"):
         periodic.broadcast_job(msg_type=MsgType.SYSTEM_NOTICE, body={"x": "y" * 17000}, run_key="too-big")
     assert not PushJob.objects.filter(body__has_key="x").exists()
+
+
+async def test_schedules_run_now_delivers_inline(connect, verifier, new_uid, capsys):
+    uid = new_uid()
+    sock = await logged_in(connect, uid)
+    noce_ack = await store_quietly(uid, MsgType.USER_NOTICE, {"now": True})
+    await database_sync_to_async(periodic.schedules_register)()
+    await database_sync_to_async(call_command)("schedules", "run", "PushUserNoticeMsg", "--inline")
+    assert "PushUserNoticeMsg" in capsys.readouterr().out
+    assert (await sock.recv())["noce_ack"] == noce_ack
+
+
+def test_a_failing_schedule_is_retried_with_a_bound_then_reported(new_uid, capsys):
+    from django.db import connections
+
+    from connections.models import Connection
+    from notifications.sharding import message_model, shard_alias, shard_of
+    from notifications.store import shard_tables_create
+
+    periodic.schedules_register()
+    uid = new_uid()
+    Connection.objects.create(
+        uid=uid, conn_id=f"n.{uid}", node="n", user_status=1, client_type=1,
+        login_time="2026-01-01T00:00:00Z", update_time="2026-01-01T00:00:00Z",
+    )  # fmt: skip
+    model = message_model(shard_of(uid))
+    with connections[shard_alias(shard_of(uid))].schema_editor() as editor:
+        editor.delete_model(model)  # a real failure: the shard table is gone
+    try:
+        result = push_unsent.apply(kwargs={"msg_type": 7}, headers={"periodic_task_name": "PushUserNoticeMsg"})
+        assert result.failed()
+    finally:
+        shard_tables_create()
+    runs = list(ScheduleRun.objects.filter(name="PushUserNoticeMsg").values_list("state", flat=True))
+    assert runs == ["failed"] * (1 + push_unsent.max_retries)
+    call_command("push_status")
+    line = next(line for line in capsys.readouterr().out.splitlines() if "PushUserNoticeMsg" in line)
+    assert "failed" in line and "user_push_msg_" in line
