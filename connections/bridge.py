@@ -11,6 +11,7 @@ outside this module, the consumer may skip Channels' per-message
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -18,11 +19,12 @@ from typing import Any, TypeVar
 import redis
 from channels.db import DatabaseSyncToAsync
 from django.conf import settings
-from django.db import DatabaseError, IntegrityError
+from django.db import DatabaseError, IntegrityError, connections
 
 from pushsite.errors import BackendUnavailable
 
 T = TypeVar("T")
+THREAD_PREFIX = "pushsite-db"
 
 
 def _db_threads() -> int:
@@ -48,8 +50,23 @@ def _guarded(fn: Callable[..., T], kwargs: dict[str, Any]) -> T:
 _run = DatabaseSyncToAsync(
     _guarded,
     thread_sensitive=False,
-    executor=ThreadPoolExecutor(max_workers=_db_threads(), thread_name_prefix="pushsite-db"),
+    executor=ThreadPoolExecutor(max_workers=_db_threads(), thread_name_prefix=THREAD_PREFIX),
 )
+
+
+def close_request_connections(**kwargs: Any) -> None:
+    """request_finished: close connections opened on a per-request thread.
+
+    Under ASGI Django runs each sync view on a thread of its own; a persistent
+    connection left there would never be used again. The bridge's own threads
+    keep theirs.
+    """
+    if threading.current_thread().name.startswith(THREAD_PREFIX):
+        return
+    for connection in connections.all(initialized_only=True):
+        # Inside a transaction that outlives the request (a test's), leave it.
+        if not connection.in_atomic_block:
+            connection.close()
 
 
 async def call(fn: Callable[..., T], /, **kwargs: Any) -> T:

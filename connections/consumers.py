@@ -234,6 +234,10 @@ class PushConsumer(AsyncConsumer):
             await self._leave_session(closing=False)
             await self.send_frame(MsgType.ERROR, code=Code.UNAVAILABLE, msg=str(error), seq=frame.seq)
             return
+        except services.TooManySockets as error:
+            await self._leave_session(closing=False)
+            await self.send_frame(MsgType.ERROR, code=Code.TOO_MANY, msg=str(error), seq=frame.seq)
+            return
         await self.send_frame(MsgType.LOGIN, uid=uid, body={"uid": uid, "unread": session.unread_counts}, seq=frame.seq)
         await self._replay(session.unsent)
 

@@ -139,8 +139,15 @@ class LoginSession:
     unsent: list[Unsent]
 
 
+class TooManySockets(Exception):
+    """The user holds PUSH_MAX_SOCKETS_PER_USER sockets already."""
+
+
 def session_login(*, uid: int, conn_id: str, node: str, client_type: ClientType) -> LoginSession:
     """Record the login and read what the user should see at once, in one DB trip."""
+    held = len(presence().connections(uid))
+    if held >= settings.PUSH_MAX_SOCKETS_PER_USER:
+        raise TooManySockets(f"uid {uid} already holds {held} sockets (limit {settings.PUSH_MAX_SOCKETS_PER_USER})")
     connection_login(uid=uid, conn_id=conn_id, node=node, client_type=client_type)
     return LoginSession(
         unread_counts=unread_counts(uid=uid),

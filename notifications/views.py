@@ -26,6 +26,7 @@ from django.views.decorators.cache import cache_control
 from django.views.decorators.csrf import csrf_exempt
 from pydantic import BaseModel, ValidationError
 
+from connections import bridge
 from connections.protocol import MAX_UNREAD_LIMIT, MsgType
 from pushsite.errors import BackendUnavailable
 
@@ -50,15 +51,17 @@ def api_response(status: int, msg: str, data: dict[str, Any] | None = None) -> J
     return JsonResponse(payload, status=status, json_dumps_params={"ensure_ascii": False})
 
 
-def api_view(
-    *, method: str, signed: bool = True
-) -> Callable[[Callable[..., JsonResponse]], Callable[..., JsonResponse]]:
-    """Method check, signature check and error mapping for one API view."""
+def api_view(*, method: str, signed: bool = True) -> Callable[[Callable[..., JsonResponse]], Any]:
+    """Method check, signature check and error mapping for one API view.
 
-    def decorate(view: Callable[..., JsonResponse]) -> Callable[..., JsonResponse]:
-        @csrf_exempt
-        @functools.wraps(view)
-        def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> JsonResponse:
+    The view runs on the bridge's database threads, not on the thread Django
+    starts per request under ASGI: those threads come and go, and a persistent
+    database connection opened on each would pile up (MariaDB ran out of
+    connections under a burst of pushes).
+    """
+
+    def decorate(view: Callable[..., JsonResponse]) -> Any:
+        def handle(request: HttpRequest, args: tuple[Any, ...], kwargs: dict[str, Any]) -> JsonResponse:
             if request.method != method:
                 response = api_response(405, f"method {request.method} not allowed; use {method}")
                 response["Allow"] = method
@@ -89,6 +92,11 @@ def api_view(
             except Exception:
                 log.exception("push API %s failed", request.path)
                 return api_response(500, "internal error")
+
+        @csrf_exempt
+        @functools.wraps(view)
+        async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> JsonResponse:
+            return await bridge.call(handle, request=request, args=args, kwargs=kwargs)
 
         return wrapper
 

@@ -1,18 +1,44 @@
-"""daphne, allowed to send the registered close codes the contract uses.
+"""daphne, with two things its WebSocket protocol does not do by itself.
 
-autobahn (daphne's WebSocket library) lets an application close only with
-1000 or 3000-4999, so ``websocket.close`` with 1013 ("try again later", which
-PROTOCOL.md requires when a server is full) raised inside daphne and the
-client saw 1011. RFC 6455 lets a server send the IANA-registered codes; this
-protocol sends them as close frames directly. Installed when the ASGI module
-is imported under daphne (pushsite/asgi.py); guarded by
+1. Close with the registered codes the contract uses. autobahn (daphne's
+WebSocket library) lets an application close only with 1000 or 3000-4999, so
+``websocket.close`` with 1013 ("try again later", which PROTOCOL.md requires
+when a server is full) raised inside daphne and the client saw 1011. RFC 6455
+lets a server send the IANA-registered codes; this protocol sends them as
+close frames directly. Guarded by
 tests/connections/test_daphne.py::test_full_server_kicks_with_503_and_closes_1013.
+
+2. Bound what waits for a client that does not read. A write to a socket never
+blocks the loop, so a slow client cannot delay the others, but what it does
+not read piles up in the process. Past PUSH_MAX_PENDING_BYTES the connection
+is dropped (there is no room left even for a close frame); the consumer then
+cleans up as for any disconnect, and the client, reconnecting, gets what it
+missed as unsent or unread. Guarded by tests/connections/test_slow_client.py.
+
+Installed when the ASGI module is imported under daphne (pushsite/asgi.py).
 """
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
+log = logging.getLogger("pushsite.server")
+
 # Registered codes a server may send (RFC 6455 section 7.4.1, IANA registry).
 SERVER_CLOSE_CODES = frozenset({1001, 1008, 1011, 1012, 1013})
+
+
+def pending_bytes(transport: Any) -> int:
+    """Bytes written to a TCP transport that the peer has not taken yet (0 if unknown)."""
+    buffered = getattr(transport, "dataBuffer", b"")
+    return len(buffered) - getattr(transport, "offset", 0) + getattr(transport, "_tempDataLen", 0)
+
+
+def max_pending_bytes() -> int:
+    from django.conf import settings
+
+    return settings.PUSH_MAX_PENDING_BYTES
 
 
 def install_close_codes() -> bool:
@@ -21,17 +47,27 @@ def install_close_codes() -> bool:
         from daphne.ws_protocol import WebSocketFactory, WebSocketProtocol
     except ImportError:
         return False
-    if getattr(WebSocketFactory.protocol, "pushsite_close_codes", False):
+    if getattr(WebSocketFactory.protocol, "pushsite_protocol", False):
         return True
 
     class PushWebSocketProtocol(WebSocketProtocol):
-        pushsite_close_codes = True
+        pushsite_protocol = True
+        pushsite_dropped = False
 
         def serverClose(self, code=None):
             if code in SERVER_CLOSE_CODES:
                 self.sendCloseFrame(code=code, isReply=False)
             else:
                 super().serverClose(code)
+
+        def serverSend(self, content, binary=False):
+            if pending_bytes(self.transport) > max_pending_bytes():
+                if not self.pushsite_dropped:
+                    self.pushsite_dropped = True
+                    log.warning("dropping %s: it does not read its frames", self.client_addr)
+                    self.transport.abortConnection()
+                return
+            super().serverSend(content, binary)
 
     WebSocketFactory.protocol = PushWebSocketProtocol
     return True

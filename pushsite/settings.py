@@ -118,6 +118,10 @@ TEMPLATES = [
 
 DATABASE_URL = env_str("DATABASE_URL")
 if DATABASE_URL:
+    # Persistent connections pay off on the long-lived database threads of the
+    # bridge (connections/bridge.py), where every socket's work and the push API
+    # run. Other views run on a thread per request under ASGI; their
+    # connections are closed when the request ends (bridge.close_request_connections).
     _default_db = dj_database_url.parse(DATABASE_URL, conn_max_age=env_int("DB_CONN_MAX_AGE", 60))
     _default_db["CONN_HEALTH_CHECKS"] = True
     if _default_db["ENGINE"] == "django.db.backends.mysql":
@@ -239,7 +243,12 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env_str("PUSH_LOG_LEVEL", "INFO")},
-    "loggers": {"django.channels.server": {"level": "WARNING"}},
+    "loggers": {
+        "django.channels.server": {"level": "WARNING"},
+        # httpx logs each request URL at INFO: the verify URL carries login keys and the token.
+        "httpx": {"level": "WARNING"},
+        "httpcore": {"level": "WARNING"},
+    },
 }
 
 # --- pushsite -------------------------------------------------------------
@@ -256,6 +265,10 @@ PUSH_LOGIN_NEGATIVE_CACHE_TTL = env_int("PUSH_LOGIN_NEGATIVE_CACHE_TTL", 10)
 PUSH_IDLE_TIMEOUT = env_int("PUSH_IDLE_TIMEOUT", 180)
 PUSH_MAX_CONNECTIONS = env_int("PUSH_MAX_CONNECTIONS", 10000)
 PUSH_MAX_FRAME_BYTES = 64 * 1024
+# What may wait in the process for a client that does not read before it is dropped.
+PUSH_MAX_PENDING_BYTES = env_int("PUSH_MAX_PENDING_BYTES", 1024 * 1024)
+# Sockets one uid may hold across all nodes (tabs, devices); a login past it gets 429.
+PUSH_MAX_SOCKETS_PER_USER = env_int("PUSH_MAX_SOCKETS_PER_USER", 32)
 # Token bucket per socket: a steady rate and a burst allowance.
 PUSH_FRAME_RATE = float(env_str("PUSH_FRAME_RATE", "20"))
 PUSH_FRAME_BURST = env_int("PUSH_FRAME_BURST", 40)

@@ -300,3 +300,19 @@ async def test_hub_housekeeping_stops_when_the_last_socket_closes(connect):
     assert hub._tasks
     await sock.communicator.disconnect()
     assert hub._tasks == [] and hub.sockets == {}
+
+
+async def test_sockets_per_user_are_limited_and_the_refused_socket_lives(connect, verifier, settings, new_uid):
+    settings.PUSH_MAX_SOCKETS_PER_USER = 2
+    uid = new_uid()
+    first = await connect()
+    await first.login(f"key-{uid}")
+    await (await connect()).login(f"key-{uid}")
+    third = await connect()
+    reply = await third.login(f"key-{uid}")
+    assert reply["msg_type"] == MsgType.ERROR and reply["code"] == Code.TOO_MANY
+    assert "limit 2" in reply["msg"]
+    assert len(await relation_rows(uid)) == 2
+    assert (await third.request("heartbeat"))["code"] == 200
+    await first.communicator.disconnect()
+    assert (await third.login(f"key-{uid}"))["code"] == 200

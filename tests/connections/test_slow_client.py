@@ -1,0 +1,106 @@
+"""A client that does not read: the others are not delayed, server memory stays bounded.
+
+Real daphne, real sockets: the slow client has a tiny receive buffer and
+never reads, while pushes of 8 KiB each flow to it and to a normal client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import tempfile
+from pathlib import Path
+
+import pytest
+import websockets
+from django.conf import settings
+
+from notifications.client import PushClient
+from tests.conftest import VERIFY_TOKEN
+from tests.servers import BIN, ServerProcess, configuration_environment, free_port, prepare_server_database
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+
+# 500 x 15 KB = 7.5 MB for the slow client: more than the kernel's socket
+# buffers take (up to 4 MiB send plus the receiver's), so the rest would wait
+# in the server process.
+PUSHES = 500
+PAD = 15000
+PENDING_LIMIT = 256 * 1024
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+@pytest.fixture
+def server(verify_server):
+    env = configuration_environment(
+        Path(tempfile.mkdtemp(prefix="pushsite-slow-")), verify_url=verify_server.url, verify_token=VERIFY_TOKEN
+    )
+    env.update({"PUSH_JOBS": "inline", "PUSH_MAX_PENDING_BYTES": str(PENDING_LIMIT), "PUSH_REDIS_PREFIX": "slowtest"})
+    env["PUSH_API_SECRET"] = settings.PUSH_API_SECRET
+    prepare_server_database(env)
+    port = free_port()
+    node = ServerProcess(
+        "daphne-slow", [str(BIN / "daphne"), "-b", "127.0.0.1", "-p", str(port), "pushsite.asgi:application"], env, port
+    )
+    node.start()
+    yield node
+    node.stop()
+
+
+async def login(ws, uid: int) -> None:
+    await ws.send(json.dumps({"action": "login", "body": {"ukey": f"key-{uid}"}, "seq": 1}))
+    assert json.loads(await asyncio.wait_for(ws.recv(), 10))["code"] == 200
+
+
+async def drain(ws) -> None:
+    """Read until the connection ends."""
+    while True:
+        await asyncio.wait_for(ws.recv(), 10)
+
+
+async def test_a_client_that_does_not_read_is_dropped_and_delays_nobody(server, new_uid):
+    fast_uid, slow_uid = new_uid(), new_uid()
+    url = f"ws://127.0.0.1:{server.port}/ws/push/"
+    fast = await websockets.connect(url, max_queue=None)
+    await login(fast, fast_uid)
+
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.connect(("127.0.0.1", server.port))
+    # max_queue=1: once one frame waits unread, the client stops reading the socket.
+    slow = await websockets.connect(url, sock=raw, max_queue=1)
+    await login(slow, slow_uid)
+
+    api = PushClient(f"http://127.0.0.1:{server.port}", secret=settings.PUSH_API_SECRET, timeout=15)
+    rss_before = rss_kib(server.proc.pid)
+    body = {"pad": "x" * PAD}
+
+    async def pusher() -> None:
+        for n in range(PUSHES):
+            await asyncio.to_thread(api.user_message, [slow_uid, fast_uid], {**body, "n": n})
+
+    async def reader() -> list[int]:
+        seen = []
+        while len(seen) < PUSHES:
+            frame = json.loads(await asyncio.wait_for(fast.recv(), 30))
+            seen.append(frame["body"]["n"])
+        return seen
+
+    _, seen = await asyncio.gather(pusher(), reader())
+    assert seen == list(range(PUSHES))  # every frame, in order, to the client that reads
+
+    # The slow client was cut off rather than buffered without end.
+    assert "does not read" in server.log.read_text()
+    with pytest.raises(websockets.ConnectionClosed):
+        await drain(slow)
+    # Held for it unbounded, a few MiB would stay in the process; with the limit
+    # the growth is what serving 500 requests costs.
+    assert rss_kib(server.proc.pid) - rss_before < 32 * 1024
+    await fast.close()
