@@ -58,14 +58,19 @@ def progress(text: str) -> None:
 # --- client process ------------------------------------------------------------
 
 
-def client_main(port: int, uids: list[int], expected: int, conn: mp.connection.Connection) -> None:
+def client_main(
+    port: int, uids: list[int], expected: int, conn: mp.connection.Connection, record_latency: bool = False
+) -> None:
     raise_nofile()
-    asyncio.run(_client(port, uids, expected, conn))
+    asyncio.run(_client(port, uids, expected, conn, record_latency))
 
 
-async def _client(port: int, uids: list[int], expected: int, conn: mp.connection.Connection) -> None:
+async def _client(
+    port: int, uids: list[int], expected: int, conn: mp.connection.Connection, record_latency: bool
+) -> None:
     import websockets
 
+    latencies: list[float] = []
     received = 0
     done = asyncio.Event()
     first_at = last_at = 0.0
@@ -89,12 +94,14 @@ async def _client(port: int, uids: list[int], expected: int, conn: mp.connection
         if len(logged) == len(uids):
             ready.set()
         try:
-            async for _ in ws:
+            async for message in ws:
                 now = time.perf_counter()
                 if not received:
                     first_at = now
                 received += 1
                 last_at = now
+                if record_latency:
+                    latencies.append(now - json.loads(message)["body"]["t"])
                 if received >= expected:
                     done.set()
         finally:
@@ -112,7 +119,15 @@ async def _client(port: int, uids: list[int], expected: int, conn: mp.connection
     conn.recv()  # "go"
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(done.wait(), timeout=300)
-    conn.send({"received": received, "first_at": first_at, "last_at": last_at, "now": time.perf_counter()})
+    conn.send(
+        {
+            "received": received,
+            "first_at": first_at,
+            "last_at": last_at,
+            "now": time.perf_counter(),
+            "latencies": latencies,
+        }
+    )
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -140,67 +155,123 @@ def server_env(fanout: str, prefix: str) -> dict[str, str]:
     return env
 
 
-def run_case(fanout: str, sockets: int, broadcasts: int) -> dict[str, object]:
-    prefix = f"bench-{uuid.uuid4().hex[:8]}"
-    env = server_env(fanout, prefix)
-    os.environ.update({k: env[k] for k in ("DATABASE_URL", "REDIS_URL", "PUSH_FANOUT", "PUSH_REDIS_PREFIX")})
-    port = free_port()
-    server = subprocess.Popen(
-        [str(ROOT / ".venv/bin/daphne"), "-b", "127.0.0.1", "-p", str(port), "pushsite.asgi:application"],
-        cwd=ROOT,
-        env=env,
-        preexec_fn=raise_nofile,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        for _ in range(100):
+class Server:
+    """A server under test: pushsite on daphne (hub or layer path) or the plain-asyncio reference."""
+
+    def __init__(self, kind: str, **extra_env: str) -> None:
+        self.kind = kind
+        self.prefix = f"bench-{uuid.uuid4().hex[:8]}"
+        self.port = free_port()
+        self.log = open(RESULTS / f"server-{kind}.log", "wb")  # noqa: SIM115 - closed in stop()
+        if kind == "reference":
+            args = [sys.executable, str(ROOT / "bench/reference.py"), str(self.port)]
+            env = dict(os.environ)
+        else:
+            env = {**server_env(kind, self.prefix), **extra_env}
+            os.environ.update({k: env[k] for k in ("DATABASE_URL", "REDIS_URL", "PUSH_FANOUT", "PUSH_REDIS_PREFIX")})
+            args = [
+                str(ROOT / ".venv/bin/daphne"),
+                "-b",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "pushsite.asgi:application",
+            ]
+        self.proc = subprocess.Popen(
+            args, cwd=ROOT, env=env, preexec_fn=raise_nofile, stdout=self.log, stderr=subprocess.STDOUT
+        )
+        for _ in range(200):
             with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", port)) == 0:
-                    break
+                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
             time.sleep(0.1)
-        base_rss = rss_kib(server.pid)
-        uids = list(range(10_000_000, 10_000_000 + sockets))
-        parent, child = mp.Pipe()
-        client = mp.Process(target=client_main, args=(port, uids, sockets * broadcasts, child))
-        client.start()
-        progress(f"{fanout}: connecting and logging in {sockets} sockets")
-        hello = parent.recv()
-        if "error" in hello:
-            raise RuntimeError(hello["error"])
-        time.sleep(1.0)
-        idle_rss = rss_kib(server.pid)
+        raise RuntimeError(f"{kind} server did not start")
 
-        import django
+    def rss(self) -> int:
+        return rss_kib(self.proc.pid)
 
-        os.environ.setdefault("DJANGO_SETTINGS_MODULE", "pushsite.settings")
-        django.setup()
-        from django.conf import settings
-
-        settings.PUSH_FANOUT = fanout
-        settings.PUSH_REDIS_PREFIX = prefix
+    def broadcast(self, uids: list[int], broadcasts: int) -> float:
+        """Ask for the broadcasts; returns when they are handed over (publish time)."""
+        body = {"title": "bench", "text": "x" * 64}
+        t0 = time.perf_counter()
+        if self.kind == "reference":
+            asyncio.run(self._control(body, broadcasts))
+            return time.perf_counter() - t0
         from connections.protocol import MsgType
         from notifications.publish import publish_stored
         from notifications.store import NewMessage
 
-        body = {"title": "bench", "text": "x" * 64}
-        batches = [
-            [NewMessage(to_uid=uid, msg_type=MsgType.SYSTEM_NOTICE, body=body, noce_ack=f"b{b}-{uid}") for uid in uids]
-            for b in range(broadcasts)
-        ]
-        progress(f"{fanout}: publishing {broadcasts} broadcasts to {sockets} sockets")
-        parent.send("go")
+        django_setup(self)
+        for b in range(broadcasts):
+            publish_stored(
+                messages=[
+                    NewMessage(to_uid=uid, msg_type=MsgType.SYSTEM_NOTICE, body=body, noce_ack=f"b{b}-{uid}")
+                    for uid in uids
+                ]
+            )
+        return time.perf_counter() - t0
+
+    async def _control(self, body: dict, broadcasts: int) -> None:
+        import websockets
+
+        async with websockets.connect(f"ws://127.0.0.1:{self.port}/control") as ws:
+            await ws.send(json.dumps({"body": body, "broadcasts": broadcasts}))
+            await ws.recv()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def django_setup(server: Server | None = None) -> None:
+    import django
+
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "pushsite.settings")
+    django.setup()
+    if server is not None:
+        from django.conf import settings
+
+        settings.PUSH_FANOUT = server.kind
+        settings.PUSH_REDIS_PREFIX = server.prefix
+
+
+def start_clients(server: Server, sockets: int, expected: int, record_latency: bool = False):
+    """Open and log in the clients in their own process; returns (process, pipe, hello)."""
+    uids = list(range(10_000_000, 10_000_000 + sockets))
+    parent, child = mp.Pipe()
+    client = mp.Process(target=client_main, args=(server.port, uids, expected, child, record_latency))
+    client.start()
+    hello = parent.recv()
+    if "error" in hello:
+        raise RuntimeError(hello["error"])
+    return client, parent, uids, hello
+
+
+def run_case(kind: str, sockets: int, broadcasts: int) -> dict[str, object]:
+    """Connect and log in N sockets, then B broadcasts to all of them."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    server = Server(kind)
+    try:
+        base_rss = server.rss()
+        progress(f"{kind}: connecting and logging in {sockets} sockets")
+        client, pipe, uids, hello = start_clients(server, sockets, sockets * broadcasts)
+        time.sleep(1.0)
+        idle_rss = server.rss()
+        progress(f"{kind}: {broadcasts} broadcasts to {sockets} sockets")
+        pipe.send("go")
         t0 = time.perf_counter()
-        for batch in batches:
-            publish_stored(messages=batch)
-        publish_s = time.perf_counter() - t0
-        result = parent.recv()
+        publish_s = server.broadcast(uids, broadcasts)
+        result = pipe.recv()
         client.join(30)
-        # Client clock and ours are the same monotonic clock on one machine.
+        # The client's clock and ours are the same monotonic clock on one machine.
         elapsed = result["last_at"] - t0 if result["received"] else float("nan")
         expected = sockets * broadcasts
         return {
-            "path": fanout,
+            "path": kind,
             "sockets": sockets,
             "broadcasts": broadcasts,
             "expected": expected,
@@ -210,20 +281,17 @@ def run_case(fanout: str, sockets: int, broadcasts: int) -> dict[str, object]:
             "msgs_per_s": round(result["received"] / elapsed) if result["received"] else 0,
             "publish_s": round(publish_s, 3),
             "connect_login_s": round(hello["ready"], 2),
+            "logins_per_s": round(sockets / hello["ready"]),
             "kib_per_socket": round((idle_rss - base_rss) / sockets, 1),
         }
     finally:
-        server.terminate()
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        server.stop()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000])
-    parser.add_argument("--paths", nargs="+", default=["hub", "layer"], choices=["hub", "layer"])
+    parser.add_argument("--paths", nargs="+", default=["hub", "layer"], choices=["hub", "layer", "reference"])
     parser.add_argument("--broadcasts", type=int, default=20)
     parser.add_argument(
         "--layer-broadcasts", type=int, default=5, help="fewer for the stock path: it is slow, the figure is a rate"

@@ -1,0 +1,258 @@
+"""pushsite's benchmark: capacity, fan-out, latency and storage, against the
+plain-asyncio limit measured in the same run.
+
+    .venv/bin/python bench/run.py            # the full run (under 10 minutes on 2 cores)
+    .venv/bin/python bench/run.py --smoke    # tiny sizes: checks that it all works
+
+It starts the real service (daphne, MariaDB, Redis) and real WebSocket
+clients in a separate process, and measures:
+
+1. connect + login rate and server memory per idle logged-in socket;
+2. broadcast fan-out (delivered msgs/s to every socket) for pushsite's hub
+   path, the stock channels-redis path and a plain asyncio `websockets`
+   server doing the same per-user fan-out (bench/reference.py);
+3. personal push latency, signed API call -> frame at the client, at a fixed
+   rate with storage in MariaDB on;
+4. system broadcast storage: shard rows per second for 100k online users.
+
+Prints a table, writes bench/results/bench.json and bench.md, and exits
+non-zero when clients lose messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.fanout import RESULTS, Server, django_setup, progress, raise_nofile, run_case, start_clients  # noqa: E402
+
+BENCH_DB = "pushsite_bench"
+
+
+def prepare_database() -> None:
+    """A database of the benchmark's own, migrated, with the shard tables."""
+    subprocess.run(
+        ["mysql", "--protocol=tcp", "-h127.0.0.1", "-uroot", "-e", f"CREATE DATABASE IF NOT EXISTS {BENCH_DB}"],
+        check=True,
+    )
+    env = {**os.environ, "DATABASE_URL": os.environ["DATABASE_URL"], "PUSH_ENV": "local"}
+    subprocess.run([sys.executable, "manage.py", "migrate", "-v", "0"], cwd=ROOT, env=env, check=True)
+
+
+# --- 3. latency ---------------------------------------------------------------------
+
+
+def latency_case(sockets: int, rate: int, seconds: float) -> dict[str, object]:
+    """Signed API pushes to random online users at a fixed rate; latency at the client."""
+    server = Server("hub", PUSH_FRAME_RATE="1000")
+    try:
+        total = int(rate * seconds)
+        progress(f"latency: {sockets} sockets, {total} pushes at {rate}/s through the API")
+        client, pipe, uids, _ = start_clients(server, sockets, total, record_latency=True)
+        pipe.send("go")
+        answers = asyncio.run(_push_at_rate(server.port, uids, rate, total))
+        result = pipe.recv()
+        client.join(30)
+        lat = sorted(x * 1000 for x in result["latencies"])
+        ok = sum(1 for status in answers if status == 200)
+
+        def pct(p: float) -> float:
+            return round(lat[min(len(lat) - 1, int(len(lat) * p))], 2) if lat else float("nan")
+
+        return {
+            "sockets": sockets,
+            "rate": rate,
+            "pushes": total,
+            "api_2xx": ok,
+            "received": result["received"],
+            "lost": ok - result["received"],
+            "p50_ms": pct(0.50),
+            "p95_ms": pct(0.95),
+            "p99_ms": pct(0.99),
+            "mean_ms": round(statistics.fmean(lat), 2) if lat else float("nan"),
+        }
+    finally:
+        server.stop()
+
+
+async def _push_at_rate(port: int, uids: list[int], rate: int, total: int) -> list[int]:
+    import httpx
+
+    from notifications.signing import signed_headers
+
+    secret = os.environ.get("PUSH_API_SECRET", "pushsite-development-api-secret")
+    statuses: list[int] = []
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+
+        async def one(uid: int) -> None:
+            body = json.dumps({"uid": uid, "body": {"t": time.perf_counter()}}).encode()
+            response = await http.post(
+                "/api/notice/userMessage",
+                content=body,
+                headers={"Content-Type": "application/json", **signed_headers(secret, body)},
+            )
+            statuses.append(response.status_code)
+
+        started = time.perf_counter()
+        tasks = []
+        for n in range(total):
+            delay = started + n / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(random.choice(uids))))
+        await asyncio.gather(*tasks)
+    return statuses
+
+
+# --- 4. storage ---------------------------------------------------------------------
+
+
+def storage_case(users: int, batch: int) -> dict[str, object]:
+    """A periodic system broadcast stored for `users` online users; rows per second."""
+    django_setup()
+    from django.utils import timezone
+
+    from connections.models import Connection
+    from connections.protocol import MsgType
+    from notifications import periodic
+    from notifications.services import push_job_run
+    from notifications.sharding import SHARD_COUNT, message_model
+
+    node = f"bench-{uuid.uuid4().hex[:6]}"
+    base = 50_000_000
+    now = timezone.now()
+    progress(f"storage: {users} online users in the relation table")
+    # Only this case's users: sockets of the earlier cases may have left rows.
+    Connection.objects.all().delete()
+    Connection.objects.bulk_create(
+        [
+            Connection(
+                uid=base + n,
+                conn_id=f"{node}.{n}",
+                node=node,
+                user_status=1,
+                client_type=1,
+                login_time=now,
+                update_time=now,
+            )
+            for n in range(users)
+        ],
+        batch_size=5000,
+    )
+    try:
+        job = periodic.broadcast_job(msg_type=MsgType.SYSTEM_NOTICE, body={"bench": True}, run_key=node)
+        progress(f"storage: broadcast run, batches of {batch}")
+        t0 = time.perf_counter()
+        job = push_job_run(job_id=job.id, batch_size=batch)
+        elapsed = time.perf_counter() - t0
+        return {"users": users, "batch": batch, "rows": job.stored, "seconds": round(elapsed, 2),
+                "rows_per_s": round(job.stored / elapsed)}  # fmt: skip
+    finally:
+        Connection.objects.filter(node=node).delete()
+        for shard in range(SHARD_COUNT):
+            message_model(shard).objects.filter(noce_ack__startswith=job.id.hex).delete()
+
+
+# --- report -------------------------------------------------------------------------
+
+
+def report(fanout: list[dict], latency: dict, storage: dict, smoke: bool) -> str:
+    ref = {row["sockets"]: row for row in fanout if row["path"] == "reference"}
+    lines = [
+        "## Connect, memory and broadcast fan-out",
+        "",
+        "| server | sockets | logins/s | KiB/socket | delivered msgs/s | x reference | lost |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in fanout:
+        base = ref.get(row["sockets"])
+        ratio = f"{row['msgs_per_s'] / base['msgs_per_s']:.2f}" if base and base["msgs_per_s"] else "-"
+        lines.append(
+            f"| {row['path']} | {row['sockets']} | {row['logins_per_s']} | {row['kib_per_socket']} "
+            f"| {row['msgs_per_s']} | {ratio} | {row['lost']} |"
+        )
+    lines += [
+        "",
+        "## Personal push latency (signed API -> frame at the client, storage on)",
+        "",
+        "| sockets | pushes/s | pushes | 2xx | received | p50 ms | p95 ms | p99 ms |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {latency['sockets']} | {latency['rate']} | {latency['pushes']} | {latency['api_2xx']} "
+        f"| {latency['received']} | {latency['p50_ms']} | {latency['p95_ms']} | {latency['p99_ms']} |",
+        "",
+        "## System broadcast storage",
+        "",
+        "| online users | batch | rows stored | seconds | rows/s |",
+        "|---:|---:|---:|---:|---:|",
+        f"| {storage['users']} | {storage['batch']} | {storage['rows']} | {storage['seconds']} "
+        f"| {storage['rows_per_s']} |",
+    ]
+    if smoke:
+        lines.insert(0, "(smoke sizes: a correctness run, not a measurement)\n")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check that everything works")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 10000])
+    parser.add_argument("--broadcasts", type=int, default=20)
+    parser.add_argument("--stock-up-to", type=int, default=5000, help="largest size for the slow stock path")
+    parser.add_argument("--rate", type=int, default=500, help="personal pushes per second")
+    parser.add_argument("--storage-users", type=int, default=100_000)
+    parser.add_argument("--out", default="bench")
+    args = parser.parse_args()
+    if args.smoke:
+        args.sizes, args.broadcasts, args.stock_up_to, args.rate, args.storage_users = [50], 3, 50, 50, 500
+    os.environ.setdefault("DATABASE_URL", f"mysql://root@127.0.0.1:3306/{BENCH_DB}")
+    os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/2")
+    os.environ["PUSH_ENV"] = "local"
+    raise_nofile()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    prepare_database()
+
+    fanout = []
+    for sockets in args.sizes:
+        paths = ["reference", "hub"] + (["layer"] if sockets <= args.stock_up_to else [])
+        for path in paths:
+            broadcasts = max(2, args.broadcasts // 4) if path == "layer" else args.broadcasts
+            row = run_case(path, sockets, broadcasts)
+            fanout.append(row)
+            progress(f"{path} {sockets}: {row['msgs_per_s']} msgs/s, {row['kib_per_socket']} KiB/socket")
+    latency = latency_case(min(args.sizes[0], 1000), args.rate, 4 if args.smoke else 10)
+    progress(f"latency: p50 {latency['p50_ms']} ms, p99 {latency['p99_ms']} ms")
+    storage = storage_case(args.storage_users, 5000 if not args.smoke else 100)
+    progress(f"storage: {storage['rows_per_s']} rows/s")
+
+    table = report(fanout, latency, storage, args.smoke)
+    (RESULTS / f"{args.out}.json").write_text(
+        json.dumps(
+            {"fanout": fanout, "latency": latency, "storage": storage, "seconds": round(time.monotonic() - started)},
+            indent=2,
+        )
+    )
+    (RESULTS / f"{args.out}.md").write_text(table)
+    print(table)
+    print(f"total {time.monotonic() - started:.0f} s")
+    lost = sum(row["lost"] for row in fanout if row["path"] != "layer") + max(0, latency["lost"])
+    if lost or storage["rows"] != args.storage_users:
+        print(f"FAILED: {lost} messages lost, {storage['rows']} of {args.storage_users} rows stored", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""The benchmark at smoke size, so it keeps working (correctness only, no timings)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not settings.REDIS_URL, reason="the benchmark runs the real service (MariaDB and Redis)"),
+]
+
+
+def test_benchmark_smoke_run_completes_without_losing_messages(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PUSH_", "DATABASE_URL", "REDIS_URL"))}
+    run = subprocess.run(
+        [sys.executable, "bench/run.py", "--smoke", "--out", "smoke"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads((ROOT / "bench/results/smoke.json").read_text())
+    paths = {row["path"] for row in result["fanout"]}
+    assert paths == {"reference", "hub", "layer"}
+    for row in result["fanout"]:
+        assert row["received"] == row["expected"] and row["logins_per_s"] > 0
+    assert result["latency"]["received"] == result["latency"]["api_2xx"] == result["latency"]["pushes"]
+    assert result["storage"]["rows"] == result["storage"]["users"]
+    assert "| hub |" in (ROOT / "bench/results/smoke.md").read_text()
