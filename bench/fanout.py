@@ -30,6 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
+# A client that has received nothing for this long counts the rest as lost.
+IDLE_GIVE_UP = 15.0
 
 
 def raise_nofile() -> int:
@@ -117,8 +119,14 @@ async def _client(
     await ready.wait()
     conn.send({"ready": time.perf_counter() - started})
     conn.recv()  # "go"
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(done.wait(), timeout=300)
+    # Done when everything arrived, or when nothing has for a while (lost).
+    waited_from = time.perf_counter()
+    while not done.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), timeout=1)
+        quiet_since = max(last_at, waited_from)
+        if time.perf_counter() - quiet_since > IDLE_GIVE_UP:
+            break
     conn.send(
         {
             "received": received,
@@ -140,7 +148,9 @@ def server_env(fanout: str, prefix: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         {
-            "PUSH_ENV": "local",
+            "PUSH_ENV": "local",  # the development login verifier: login keys dev-<uid>
+            # DEBUG would keep a log of every query on every connection.
+            "DJANGO_DEBUG": "false",
             "DATABASE_URL": env.get("DATABASE_URL", "mysql://root@127.0.0.1:3306/pushsite"),
             "REDIS_URL": env.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
             "PUSH_FANOUT": fanout,
