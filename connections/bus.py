@@ -69,8 +69,16 @@ def check_available() -> None:
             raise BackendUnavailable(f"redis unavailable: {error.__class__.__name__}") from error
 
 
-async def subscribe(handler: Callable[[dict[str, Any]], None], ready: asyncio.Event) -> None:
-    """Feed every bus message to handler until cancelled; reconnects after failures."""
+async def subscribe(
+    handler: Callable[[dict[str, Any]], None],
+    ready: asyncio.Event,
+    resubscribed: Callable[[], None] | None = None,
+) -> None:
+    """Feed every bus message to handler until cancelled; reconnects after failures.
+
+    ``resubscribed`` is called each time the subscription is back after a
+    loss: Redis may have restarted and lost what it held.
+    """
     loop = asyncio.get_running_loop()
     if not redis_configured():
         _local_handlers[loop] = handler
@@ -81,12 +89,16 @@ async def subscribe(handler: Callable[[dict[str, Any]], None], ready: asyncio.Ev
             _local_handlers.pop(loop, None)
         return
     delay = 0.2
+    lost = False
     while True:
         pubsub = get_async_redis().pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(channel_name())
             ready.set()
             delay = 0.2
+            if lost and resubscribed is not None:
+                resubscribed()
+            lost = False
             async for item in pubsub.listen():
                 if item.get("type") != "message":
                     continue
@@ -99,6 +111,7 @@ async def subscribe(handler: Callable[[dict[str, Any]], None], ready: asyncio.Ev
         except asyncio.CancelledError:
             raise
         except (redis.RedisError, OSError) as error:
+            lost = True
             log.warning("bus subscription lost (%s); resubscribing in %.1fs", error.__class__.__name__, delay)
         finally:
             with contextlib.suppress(redis.RedisError, OSError):

@@ -9,9 +9,12 @@ Invariants:
 * after disconnect the socket is in no hub index, no group and no relation row;
 * every refused frame gets one ERROR reply with the contract's code; only an
   idle timeout, a full server or a kick closes the socket;
-* messages replayed at login and pushed live meanwhile reach the socket once.
+* messages replayed at login and pushed live meanwhile reach the socket once;
+* a relation clean-up deferred by an outage never touches a later login of
+  the same socket (the socket continues under a new conn_id).
 
-Guarded by tests/connections/test_consumer.py and tests/connections/test_daphne.py.
+Guarded by tests/connections/test_consumer.py, tests/connections/test_daphne.py
+and tests/faults/test_redis_restart.py.
 """
 
 from __future__ import annotations
@@ -297,3 +300,7 @@ class PushConsumer(AsyncConsumer):
             except BackendUnavailable:
                 self._row_uid = 0
                 self.hub.close_later(uid, self.conn_id)
+                # The socket stays open and may log in again before that
+                # retry runs; under a new id the retry cannot delete the new
+                # session's row and presence entry.
+                self.conn_id = self.hub.renumber(self)

@@ -11,10 +11,13 @@ Invariants:
   exactly while it is logged in as uid; empty uid sets are removed;
 * the background tasks run while at least one socket is attached and are
   cancelled and awaited when the last one leaves;
+* after the bus comes back from a loss, the presence entries of this node's
+  logged-in sockets are written again (Redis may have restarted empty);
 * a frame written by the hub marks its message sent (``is_sent``) within
   ``SENT_FLUSH_INTERVAL`` seconds, in one UPDATE per shard.
 
-Guarded by tests/connections/test_hub.py and tests/connections/test_consumer.py.
+Guarded by tests/connections/test_hub.py, tests/connections/test_consumer.py and
+tests/faults/test_redis_restart.py.
 """
 
 from __future__ import annotations
@@ -87,6 +90,13 @@ class Hub:
             if not conns:
                 del self.users[uid]
 
+    def renumber(self, consumer: PushConsumer) -> str:
+        """Give an open socket a new conn_id; its old one has a clean-up pending."""
+        self.sockets.pop(consumer.conn_id or "", None)
+        conn_id = f"{self.node}.{next(self._numbers)}"
+        self.sockets[conn_id] = consumer
+        return conn_id
+
     def close_later(self, uid: int, conn_id: str) -> None:
         """A relation row that could not be removed now; the node loop retries."""
         self._pending_closes.append((uid, conn_id))
@@ -100,6 +110,20 @@ class Hub:
             self.loop.create_task(self._deliver(message["groups"]))
         else:
             log.error("dropped a bus message of unknown kind %r", kind)
+
+    def on_bus_resubscribed(self) -> None:
+        """The bus is back after a loss; Redis may have restarted empty."""
+        self.loop.create_task(self._restore_presence())
+
+    async def _restore_presence(self) -> None:
+        # Without their presence entries, this node's open sockets would get
+        # no live push until they logged in again.
+        try:
+            restored = await self._db(services.node_presence_restore, node=self.node)
+        except BackendUnavailable as error:
+            log.warning("could not restore the presence of this node's sockets: %s", error)
+            return
+        log.info("restored the presence of %d sockets after the bus came back", restored)
 
     async def _deliver(self, groups: list[dict[str, Any]]) -> None:
         now = self.loop.time()
@@ -131,7 +155,9 @@ class Hub:
     async def _start(self) -> None:
         ready = asyncio.Event()
         tasks = [
-            self.loop.create_task(bus.subscribe(self.on_bus_message, ready), name="pushsite-bus"),
+            self.loop.create_task(
+                bus.subscribe(self.on_bus_message, ready, self.on_bus_resubscribed), name="pushsite-bus"
+            ),
             self.loop.create_task(self._sweep_idle(), name="pushsite-idle"),
             self.loop.create_task(self._node_loop(), name="pushsite-node"),
             self.loop.create_task(self._flush_sent_loop(), name="pushsite-sent"),

@@ -28,6 +28,11 @@ class _LocalPresence:
         with self._lock:
             self._data.setdefault(uid, {})[conn_id] = info
 
+    def add_many(self, entries: list[tuple[int, str, str]]) -> None:
+        with self._lock:
+            for uid, conn_id, info in entries:
+                self._data.setdefault(uid, {})[conn_id] = info
+
     def remove(self, pairs: list[tuple[int, str]]) -> None:
         with self._lock:
             for uid, conn_id in pairs:
@@ -49,6 +54,14 @@ class _LocalPresence:
 class _RedisPresence:
     def add(self, uid: int, conn_id: str, info: str) -> None:
         get_redis().hset(online_key(uid), conn_id, info)
+
+    def add_many(self, entries: list[tuple[int, str, str]]) -> None:
+        if not entries:
+            return
+        pipe = get_redis().pipeline(transaction=False)
+        for uid, conn_id, info in entries:
+            pipe.hset(online_key(uid), conn_id, info)
+        pipe.execute()
 
     def remove(self, pairs: list[tuple[int, str]]) -> None:
         if not pairs:

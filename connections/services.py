@@ -1,12 +1,13 @@
 """Writes to the uid<->connection relation and the node liveness marks.
 
 Invariants:
-* a relation row and its presence entry are written and removed together;
+* a relation row and its presence entry are written and removed together, and
+  a node writes its online rows' entries again after Redis comes back;
 * a node's rows are removed only when its liveness mark is older than
   ``PUSH_NODE_DEAD_AFTER`` and only rows not touched since then, so a node
   that comes back and logs a user in is never reaped by a slow peer.
 
-Guarded by tests/connections/test_relation.py.
+Guarded by tests/connections/test_relation.py and tests/faults/test_redis_restart.py.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 import secrets
 import socket
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
@@ -117,8 +118,33 @@ def connection_login(*, uid: int, conn_id: str, node: str, client_type: ClientTy
                 "update_time": now,
             },
         )
-    presence().add(uid, conn_id, f"{node} {int(client_type)} {int(now.timestamp())}")
+    presence().add(uid, conn_id, presence_info(node=node, client_type=int(client_type), login_time=now))
     return row
+
+
+def presence_info(*, node: str, client_type: int, login_time: datetime) -> str:
+    """The presence entry's value (docs/protocol.md section 8)."""
+    return f"{node} {client_type} {int(login_time.timestamp())}"
+
+
+def node_presence_restore(*, node: str) -> int:
+    """Write the presence entries of this node's online rows again; returns how many.
+
+    A Redis restarted empty has forgotten every entry while the sockets stay
+    open, and a publish skips users without one. The relation table is the
+    source of truth. A socket that closes or logs out meanwhile changes its row
+    before its entry, so the second read finds and removes an entry written
+    back for a row that is gone.
+    """
+    online = Connection.objects.filter(node=node, user_status=UserStatus.ONLINE)
+    rows = list(online.values_list("uid", "conn_id", "client_type", "login_time"))
+    presence().add_many(
+        [(uid, conn_id, presence_info(node=node, client_type=ct, login_time=at)) for uid, conn_id, ct, at in rows]
+    )
+    kept = set(online.filter(conn_id__in=[conn_id for _, conn_id, _, _ in rows]).values_list("conn_id", flat=True))
+    gone = [(uid, conn_id) for uid, conn_id, _, _ in rows if conn_id not in kept]
+    presence().remove(gone)
+    return len(rows) - len(gone)
 
 
 def connection_logout(*, uid: int, conn_id: str) -> None:

@@ -26,7 +26,13 @@ class _Body(_Strict):
     @field_validator("body")
     @classmethod
     def _small(cls, value: dict[str, Any]) -> dict[str, Any]:
-        if len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()) > MAX_BODY_BYTES:
+        try:
+            encoded = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        except ValueError:
+            # Python's JSON reader takes NaN, Infinity and 1e400; no JSON column
+            # stores them, and the database refusing would be a 503, not a 400.
+            raise ValueError("body holds NaN or an infinite number, which JSON does not have") from None
+        if len(encoded.encode()) > MAX_BODY_BYTES:
             raise ValueError(f"body is larger than {MAX_BODY_BYTES} bytes")
         return value
 

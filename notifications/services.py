@@ -3,16 +3,21 @@
 Invariants:
 * stored before published: every action commits its rows, then calls
   ``publish.publish_stored``; nothing reaches a socket that is not stored;
+* an inline push whose rows are committed reports them stored, even when the
+  publish fails (Redis gone in between): it never raises after storing;
 * a push to a few uids is stored and published inline; larger ones and system
   notices become a ``PushJob`` committed before anything is queued, so an
   accepted push survives a lost queue message (``push_jobs_requeue_stale``);
 * running a job twice, or resuming one cut off, stores no duplicate row: its
   noce_acks are derived from the job id and the uid;
+* a job is queued again only after ``older_than`` seconds without progress,
+  not while a worker moves it on batch by batch;
 * an admin resend publishes rows that exist, under their own noce_acks, and
   never a row the user has read.
 
 Guarded by tests/notifications/test_api.py, tests/notifications/test_delivery.py,
-tests/notifications/test_periodic.py and tests/notifications/test_admin.py (resend).
+tests/notifications/test_periodic.py, tests/notifications/test_admin.py (resend) and
+tests/faults/test_kills.py (a node or a worker killed mid-job).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import redis
 from django.conf import settings
 from django.db import close_old_connections, transaction
 from django.db.models import F
@@ -34,6 +40,7 @@ from django.utils import timezone
 from connections import bus
 from connections.protocol import MsgType
 from connections.selectors import online_uid_batches
+from pushsite.errors import BackendUnavailable
 
 from .models import JobState, PushJob
 from .publish import publish_stored
@@ -56,7 +63,14 @@ def notifications_push(*, msg_type: MsgType, uids: list[int], body: dict[str, An
     bus.check_available()
     messages = [NewMessage(to_uid=uid, msg_type=msg_type, body=body, from_uid=from_uid) for uid in uids]
     stored = messages_store(messages=messages)
-    sent = publish_stored(messages=messages)
+    try:
+        sent = publish_stored(messages=messages)
+    except (BackendUnavailable, redis.RedisError) as error:
+        # The rows are committed: an error answer would say nothing was stored
+        # and invite a duplicate. They stay unsent and go out at the user's
+        # next login or the next periodic run.
+        log.warning("stored %d messages but could not publish them: %s", stored, error)
+        sent = 0
     return InlineResult(stored=stored, sent=sent, noce_acks={m.to_uid: m.noce_ack for m in messages})
 
 
@@ -125,7 +139,11 @@ def push_job_run(
     job = PushJob.objects.get(id=job_id)
     if job.state == JobState.DONE:
         return job
-    PushJob.objects.filter(id=job.id).update(state=JobState.RUNNING, attempts=F("attempts") + 1)
+    # ``update()`` skips auto_now: updated_at is set by hand, as the mark of
+    # progress that push_jobs_requeue_stale reads.
+    PushJob.objects.filter(id=job.id).update(
+        state=JobState.RUNNING, attempts=F("attempts") + 1, updated_at=timezone.now()
+    )
     try:
         for uids in _job_batches(job, batch_size):
             messages = [
@@ -146,7 +164,7 @@ def push_job_run(
                 messages = [m for m in messages if m.to_uid not in waiting]
             sent = publish_stored(messages=messages)
             PushJob.objects.filter(id=job.id).update(
-                stored=F("stored") + stored, sent=F("sent") + sent, cursor=job.cursor
+                stored=F("stored") + stored, sent=F("sent") + sent, cursor=job.cursor, updated_at=timezone.now()
             )
             if progress is not None:
                 progress(len(uids), stored, sent)
@@ -174,11 +192,15 @@ def _job_batches(job: PushJob, batch_size: int):
         if uids:
             yield uids
         else:
-            PushJob.objects.filter(id=job.id).update(cursor=cursor)
+            PushJob.objects.filter(id=job.id).update(cursor=cursor, updated_at=timezone.now())
 
 
 def push_jobs_requeue_stale(*, older_than: int = 300) -> int:
-    """Queue again the jobs that were accepted but not finished in time."""
+    """Queue again the unfinished jobs that made no progress for ``older_than`` seconds.
+
+    A job still running moves its ``updated_at`` with every batch, so a long
+    broadcast is not queued a second time while a worker works on it.
+    """
     cutoff = timezone.now() - timedelta(seconds=older_than)
     stale = list(
         PushJob.objects.filter(state__in=[JobState.PENDING, JobState.RUNNING], updated_at__lt=cutoff).values_list(

@@ -17,9 +17,8 @@ from pushsite.server import install_close_codes  # noqa: E402
 
 install_close_codes()
 
-# Thousands of long-lived consumer objects make every gen-0 collection walk a
-# young generation that never empties; collecting less often roughly doubled
-# fan-out at 10k sockets (docs/performance.md).
+# Collecting less often raises fan-out with many sockets, at the cost of
+# memory that grows between full collections (bench/README.md); opt-in.
 if settings.PUSH_GC_THRESHOLD:
     gc.set_threshold(*settings.PUSH_GC_THRESHOLD)
 

@@ -1,4 +1,4 @@
-"""daphne, with two things its WebSocket protocol does not do by itself.
+"""daphne, with three things its WebSocket protocol does not do by itself.
 
 1. Close with the registered codes the contract uses. autobahn (daphne's
 WebSocket library) lets an application close only with 1000 or 3000-4999, so
@@ -14,6 +14,10 @@ not read piles up in the process. Past PUSH_MAX_PENDING_BYTES the connection
 is dropped (there is no room left even for a close frame); the consumer then
 cleans up as for any disconnect, and the client, reconnecting, gets what it
 missed as unsent or unread. Guarded by tests/connections/test_slow_client.py.
+
+3. Drop writes to a socket whose close handshake has begun, instead of
+raising from inside the consumer. Guarded by
+tests/connections/test_closing_client.py.
 
 Installed when the ASGI module is imported under daphne (pushsite/asgi.py).
 """
@@ -61,6 +65,12 @@ def install_close_codes() -> bool:
                 super().serverClose(code)
 
         def serverSend(self, content, binary=False):
+            if self.state in (self.STATE_CLOSING, self.STATE_CLOSED):
+                # The client's close frame is in but daphne has not seen the
+                # disconnect yet. autobahn would raise, and the exception would
+                # end the consumer before its disconnect handler clears the
+                # socket's relation row; the frame could not arrive anyway.
+                return
             if pending_bytes(self.transport) > max_pending_bytes():
                 if not self.pushsite_dropped:
                     self.pushsite_dropped = True

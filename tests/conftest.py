@@ -22,14 +22,28 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from channels.testing import WebsocketCommunicator
+from channels.testing import HttpCommunicator, WebsocketCommunicator
 from django.conf import settings as django_settings
 from django.core.cache import cache
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
 from connections.auth import close_http_client
+from notifications.signing import signed_headers
 
 VERIFY_TOKEN = "test-verify-token"
 REAL_BACKENDS = bool(os.environ.get("DATABASE_URL")) and bool(os.environ.get("REDIS_URL"))
+
+# Property tests run a short profile in the suite and a long one on demand:
+#     HYPOTHESIS_PROFILE=long .venv/bin/pytest tests/fuzz tests/connections/test_protocol.py
+# No deadline: examples that go through a real server vary with its load.
+hypothesis_settings.register_profile(
+    "default", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+hypothesis_settings.register_profile(
+    "long", max_examples=10_000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -194,3 +208,46 @@ async def connect() -> AsyncIterator[Callable[..., Any]]:
         with contextlib.suppress(TimeoutError, asyncio.CancelledError, AssertionError):
             await communicator.disconnect(timeout=2)
     await close_http_client()
+
+
+class Api:
+    """Sends requests to the ASGI app as the main site would, signed by default."""
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        payload: Any = None,
+        *,
+        raw: bytes | None = None,
+        sign: bool = True,
+        headers: dict[str, str] | None = None,
+        secret: str | None = None,
+    ) -> tuple[int, dict[str, Any]]:
+        from pushsite.asgi import application
+
+        body = raw if raw is not None else (b"" if payload is None else json.dumps(payload).encode())
+        all_headers = {"content-type": "application/json", "host": "testserver"}
+        if sign:
+            all_headers.update(
+                {k.lower(): v for k, v in signed_headers(secret or django_settings.PUSH_API_SECRET, body).items()}
+            )
+        all_headers.update({k.lower(): v for k, v in (headers or {}).items()})
+        communicator = HttpCommunicator(
+            application,
+            method,
+            path,
+            body=body,
+            headers=[(k.encode(), v.encode()) for k, v in all_headers.items()],
+        )
+        response = await communicator.get_response(timeout=10)
+        content = response["body"]
+        return response["status"], json.loads(content) if content else {}
+
+    async def post(self, path: str, payload: Any = None, **kwargs: Any) -> tuple[int, dict[str, Any]]:
+        return await self.call("POST", path, payload, **kwargs)
+
+
+@pytest.fixture
+def api() -> Api:
+    return Api()

@@ -365,7 +365,7 @@ json_values = st.recursive(
 )
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=max(200, settings().max_examples), deadline=None)
 @given(
     msg_type=st.sampled_from([MsgType.COMMENT, MsgType.SYSTEM_NOTICE, MsgType.USER_NOTICE]),
     from_uid=st.integers(min_value=0, max_value=2**53),
@@ -399,7 +399,7 @@ def frame_like() -> st.SearchStrategy[str]:
     return st.text() | json_values.map(json.dumps) | objects.map(json.dumps)
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=max(500, settings().max_examples), deadline=None)
 @given(text=frame_like(), max_bytes=st.sampled_from([8, 64, 1024, MAX_BYTES]))
 def test_parse_frame_never_raises_and_returns_an_envelope(text, max_bytes):
     result = parse_frame(text, max_bytes=max_bytes)

@@ -265,6 +265,24 @@ def test_presence_and_rows_agree_after_a_mixed_sequence(new_uid):
         assert set(presence().connections(uid)) == online_rows
 
 
+def test_presence_restore_writes_back_the_online_rows_of_its_node_only(new_uid):
+    kept, logged_out, elsewhere = new_uid(), new_uid(), new_uid()
+    login(kept, "n1.1", "n1", ClientType.APP)
+    login(logged_out, "n1.2", "n1")
+    login(elsewhere, "n2.1", "n2")
+    services.connection_logout(uid=logged_out, conn_id="n1.2")
+    entry = presence().connections(kept)
+    # As after a Redis restart: the entries are gone, the rows are not.
+    presence().remove([(kept, "n1.1"), (elsewhere, "n2.1")])
+
+    assert services.node_presence_restore(node="n1") == 1
+    assert presence().connections(kept) == entry
+    assert presence().connections(logged_out) == {}
+    assert presence().connections(elsewhere) == {}  # node n2 restores its own
+    assert services.node_presence_restore(node="n1") == 1  # and again: nothing changes
+    assert presence().connections(kept) == entry
+
+
 # --- through a consumer ---------------------------------------------------------------
 
 

@@ -1,0 +1,325 @@
+"""Redis killed and restarted under load: the node lives on and nothing acknowledged is lost.
+
+A redis-server of this test's own (its own port, no persistence, so a restart
+comes back empty as after a crash) serves one daphne node. Clients are logged
+in over real sockets and pushes flow through the signed API while the Redis
+process is SIGKILLed and, a second later, started again on the same port.
+
+Invariants guarded here:
+* while Redis is down the push API answers 503 at once: never 500, never a hang;
+* the daphne process survives and answers /healthz;
+* a client whose socket closed reconnects and logs in again; one whose socket
+  stayed open is served again: a push after the recovery reaches every client live;
+* every push answered 2xx is stored exactly once and reaches its user, live
+  or through ``unread``; a push answered 503 stored nothing;
+* a push whose rows are stored when Redis dies is answered as stored (200,
+  ``sent`` 0), not with the 503 that says nothing was stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import tempfile
+import time
+import urllib.request
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import redis
+import websockets
+from channels.db import database_sync_to_async
+from django.conf import settings
+from django.db import connections
+
+from connections.models import Connection, UserStatus
+from connections.protocol import MsgType
+from notifications.client import PushClient, PushError
+from notifications.services import notifications_push
+from notifications.sharding import model_for_uid, shard_alias, shard_of
+from tests.proxy import TcpProxy
+from tests.servers import ServerProcess, daphne, free_port
+
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.slow,
+    pytest.mark.skipif(not settings.REDIS_URL, reason="needs the real configuration (MariaDB and Redis)"),
+]
+
+USERS = 8
+PUSHERS = 2
+BEFORE_KILL = 1.5  # seconds of pushes before Redis dies
+DOWN_FOR = 1.0
+AFTER_RESTART = 3.0  # seconds of pushes after Redis is back
+
+
+def redis_server(port: int) -> ServerProcess:
+    """A redis-server of our own that keeps nothing on disk: a restart starts empty."""
+    args = [
+        shutil.which("redis-server") or "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]
+    return ServerProcess("redis", [*args, "--dir", tempfile.mkdtemp(prefix="pushsite-redis-")], {}, port=port)
+
+
+class Client:
+    """One user's socket, reconnected and logged in again whenever it closes."""
+
+    def __init__(self, url: str, uid: int) -> None:
+        self.url = url
+        self.uid = uid
+        self.live: set[str] = set()
+        self.connections = 0
+        self.login_refusals = 0
+        self.logged_in = asyncio.Event()
+        self._ws: Any = None
+        self._seq = 0
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+
+    async def run(self) -> None:
+        while True:
+            try:
+                async with websockets.connect(self.url, open_timeout=5, max_queue=None) as ws:
+                    self._ws = ws
+                    self.connections += 1
+                    reader = asyncio.create_task(self._read(ws))
+                    try:
+                        await self._login()
+                        await reader
+                    finally:
+                        reader.cancel()
+                        self.logged_in.clear()
+            except (OSError, TimeoutError, websockets.ConnectionClosed):
+                pass
+            self.logged_in.clear()
+            await asyncio.sleep(0.2)
+
+    async def _read(self, ws: Any) -> None:
+        async for text in ws:
+            frame = json.loads(text)
+            assert "Traceback" not in text
+            waiter = self._pending.pop(frame["seq"], None) if frame["seq"] is not None else None
+            if waiter is not None:
+                waiter.set_result(frame)
+            elif frame["msg_type"] == 7:
+                assert frame["body"]["to_uid"] == self.uid
+                self.live.add(frame["noce_ack"])
+            else:
+                raise AssertionError(f"unexpected frame {frame}")
+
+    async def _login(self) -> None:
+        while True:
+            reply = await self.request("login", {"ukey": f"key-{self.uid}"}, timeout=10)
+            if reply["code"] == 200:
+                self.logged_in.set()
+                return
+            # Redis down: the login is refused with 503 and the socket stays open.
+            assert reply["msg_type"] == 9 and reply["code"] == 503, reply
+            self.login_refusals += 1
+            await asyncio.sleep(0.2)
+
+    async def drop(self) -> None:
+        """Close the socket as a client that lost its network would; run() reconnects."""
+        await self._ws.close()
+
+    async def request(self, action: str, body: dict[str, Any] | None = None, timeout: float = 5) -> dict[str, Any]:
+        self._seq += 1
+        future = self._pending[self._seq] = asyncio.get_running_loop().create_future()
+        await self._ws.send(json.dumps({"action": action, "body": body or {}, "seq": self._seq}))
+        return await asyncio.wait_for(future, timeout)
+
+
+class Pushes:
+    """Every push sent, and what the API answered."""
+
+    def __init__(self, port: int) -> None:
+        self.api = PushClient(f"http://127.0.0.1:{port}", secret=settings.PUSH_API_SECRET, timeout=10)
+        self.acked: dict[int, dict[str, int]] = defaultdict(dict)  # uid -> noce_ack -> n
+        self.refused: list[tuple[int, float]] = []  # (status, seconds it took)
+        self.sent = 0
+
+    def push(self, uid: int) -> int:
+        n, self.sent = self.sent, self.sent + 1
+        started = time.monotonic()
+        try:
+            answer = self.api.user_message([uid], {"n": n})
+        except PushError as error:
+            self.refused.append((error.status, time.monotonic() - started))
+            return error.status
+        self.acked[uid][answer["data"]["noce_acks"][str(uid)]] = n
+        return answer["code"]
+
+    async def loop(self, uids: list[int], offset: int) -> None:
+        turn = offset
+        while True:
+            await asyncio.to_thread(self.push, uids[turn % len(uids)])
+            turn += PUSHERS
+            await asyncio.sleep(0.01)
+
+
+@database_sync_to_async
+def stored(uids: list[int]) -> dict[int, list[tuple[str, int]]]:
+    """(noce_ack, body n) of every row of these users."""
+    return {
+        uid: [(row.noce_ack, row.body["n"]) for row in model_for_uid(uid).objects.filter(to_uid=uid)] for uid in uids
+    }
+
+
+def relation(uids: list[int]) -> set[tuple[int, str]]:
+    return set(Connection.objects.filter(uid__in=uids, user_status=UserStatus.ONLINE).values_list("uid", "conn_id"))
+
+
+def presence_entries(port: int, uids: list[int]) -> set[tuple[int, str]]:
+    client = redis.Redis(port=port, decode_responses=True)
+    try:
+        return {
+            (uid, conn_id) for uid in uids for conn_id in client.hkeys(f"{settings.PUSH_REDIS_PREFIX}:online:{uid}")
+        }
+    finally:
+        client.close()
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not await database_sync_to_async(condition)():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.1)
+
+
+def healthz(port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+        return response.status
+
+
+async def test_redis_killed_and_restarted_loses_nothing_acknowledged(verifier, new_uid):
+    redis_port = free_port()
+    server = redis_server(redis_port).start()
+    node = daphne(
+        "redis-restart-node",
+        PUSH_JOBS="inline",
+        REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
+        PUSH_NODE_HEARTBEAT=1,  # the node retries the closes Redis refused once a second
+    )
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        node.start()
+        uids = [new_uid() for _ in range(USERS)]
+        clients = [Client(f"ws://127.0.0.1:{node.port}/ws/push/", uid) for uid in uids]
+        tasks += [asyncio.create_task(client.run()) for client in clients]
+        await asyncio.wait_for(asyncio.gather(*(c.logged_in.wait() for c in clients)), 15)
+
+        pushes = Pushes(node.port)
+        pushers = [asyncio.create_task(pushes.loop(uids, offset)) for offset in range(PUSHERS)]
+        tasks += pushers
+        await asyncio.sleep(BEFORE_KILL)
+        acked_before = sum(len(acks) for acks in pushes.acked.values())
+        server.kill()
+        await asyncio.sleep(0.2)
+        # Half the clients lose their socket during the outage and come back at once.
+        dropped = clients[: USERS // 2]
+        for client in dropped:
+            await client.drop()
+        await asyncio.sleep(DOWN_FOR - 0.2)
+        server = redis_server(redis_port).start()
+        acked_at_restart = sum(len(acks) for acks in pushes.acked.values())
+        await asyncio.sleep(AFTER_RESTART)
+        for task in pushers:
+            task.cancel()
+        await asyncio.gather(*pushers, return_exceptions=True)
+
+        # The node came through: alive, healthy, and every client is logged in again.
+        assert node.proc.poll() is None, node.output()
+        assert await asyncio.to_thread(healthz, node.port) == 200
+        await asyncio.wait_for(asyncio.gather(*(c.logged_in.wait() for c in clients)), 15)
+
+        assert all(c.connections == 2 and c.login_refusals > 0 for c in dropped)
+        assert all(c.connections == 1 for c in clients if c not in dropped)
+
+        # While Redis was down the API said so at once, and only that.
+        assert pushes.refused, "no push met the outage"
+        assert {status for status, _ in pushes.refused} == {503}, pushes.refused
+        assert max(seconds for _, seconds in pushes.refused) < 5
+        acked_after = sum(len(acks) for acks in pushes.acked.values())
+        assert 0 < acked_before <= acked_at_restart < acked_after, "no push acknowledged before or after the outage"
+
+        # Served again: a push after the recovery reaches every client live.
+        after = {}
+        for client in clients:
+            answer = await asyncio.to_thread(pushes.api.user_message, [client.uid], {"n": -1})
+            after[client.uid] = answer["data"]["noce_acks"][str(client.uid)]
+            pushes.acked[client.uid][after[client.uid]] = -1
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(after[c.uid] not in c.live for c in clients):
+            await asyncio.sleep(0.05)
+        missed_live = [c.uid for c in clients if after[c.uid] not in c.live]
+        assert not missed_live, f"clients not served live after the recovery: {missed_live}"
+
+        # Every acknowledged push: stored exactly once, and the user got it.
+        rows = await stored(uids)
+        delivered_live = delivered_unread = 0
+        for client in clients:
+            acked = pushes.acked[client.uid]
+            assert len(acked) < 200  # one unread page holds them all
+            reply = await client.request("unread", {"limit": 200, "msg_type": 7})
+            assert reply["code"] == 200, reply
+            unread = {item["noce_ack"] for item in reply["body"]["items"]}
+            acks_stored = [ack for ack, _ in rows[client.uid]]
+            for ack in acked:
+                assert acks_stored.count(ack) == 1, (client.uid, ack)
+                assert ack in client.live or ack in unread, (client.uid, ack)
+            delivered_live += len(acked.keys() & client.live)
+            delivered_unread += len(acked.keys() - client.live)
+            # A push answered 503 stored nothing: every stored row was acknowledged.
+            assert sorted(n for _, n in rows[client.uid]) == sorted(acked.values())
+        assert delivered_live + delivered_unread == sum(len(acks) for acks in pushes.acked.values())
+
+        # The sockets closed during the outage left no relation row and no presence entry.
+        await wait_for(lambda: relation(uids) == presence_entries(redis_port, uids) and len(relation(uids)) == USERS)
+        print(
+            f"pushes sent {pushes.sent}, acknowledged {delivered_live + delivered_unread} "
+            f"(live {delivered_live}, through unread {delivered_unread}), refused 503: {len(pushes.refused)}, "
+            f"reconnects {sum(c.connections - 1 for c in clients)}, "
+            f"logins refused 503: {sum(c.login_refusals for c in clients)}"
+        )
+    finally:
+        for task in tasks:
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*tasks, return_exceptions=True)
+        node.stop()
+        server.stop()
+
+
+def test_a_push_stored_as_redis_dies_is_answered_as_stored(settings, new_uid):
+    """The window between the rows' commit and the publish: Redis goes right after the INSERT."""
+    target = urlsplit(settings.REDIS_URL)
+    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 6379)
+    settings.REDIS_URL = target._replace(netloc=f"127.0.0.1:{proxy.port}").geturl()
+    uid = new_uid()
+
+    def redis_dies_after_insert(execute: Callable[..., Any], sql: str, *args: Any) -> Any:
+        result = execute(sql, *args)
+        if sql.lstrip().upper().startswith("INSERT"):
+            proxy.cut()
+        return result
+
+    try:
+        with connections[shard_alias(shard_of(uid))].execute_wrapper(redis_dies_after_insert):
+            result = notifications_push(msg_type=MsgType.USER_NOTICE, uids=[uid], body={"late": True}, from_uid=0)
+    finally:
+        proxy.close()
+    assert (result.stored, result.sent) == (1, 0)
+    (row,) = model_for_uid(uid).objects.filter(to_uid=uid)
+    assert row.noce_ack == result.noce_acks[uid] and not row.is_sent  # the next login or periodic run sends it
