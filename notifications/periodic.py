@@ -157,16 +157,7 @@ def unsent_deliver(*, msg_type: MsgType, batch_size: int = 1000) -> dict[str, in
             rows = message_model(shard).objects.filter(
                 to_uid__in=shard_uids, msg_type=int(msg_type), is_sent=False, is_read=False
             )
-            messages.extend(
-                NewMessage(
-                    to_uid=row.to_uid,
-                    msg_type=MsgType(row.msg_type),
-                    body=row.body,
-                    from_uid=row.from_uid,
-                    noce_ack=row.noce_ack,
-                )
-                for row in rows.order_by("id")
-            )
+            messages.extend(NewMessage.from_row(row) for row in rows.order_by("id"))
         published += publish_stored(messages=messages)
     return {"online_users": users, "published": published}
 

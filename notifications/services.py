@@ -221,14 +221,4 @@ def messages_resend(*, shard: int, ids: list[int]) -> int:
     """
     bus.check_available()
     rows = message_model(shard).objects.filter(id__in=ids, is_read=False).order_by("id")
-    messages = [
-        NewMessage(
-            to_uid=row.to_uid,
-            msg_type=MsgType(row.msg_type),
-            body=row.body,
-            from_uid=row.from_uid,
-            noce_ack=row.noce_ack,
-        )
-        for row in rows
-    ]
-    return publish_stored(messages=messages)
+    return publish_stored(messages=[NewMessage.from_row(row) for row in rows])

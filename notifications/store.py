@@ -82,6 +82,17 @@ class NewMessage:
     from_uid: int = 0
     noce_ack: str = field(default_factory=new_noce_ack)
 
+    @classmethod
+    def from_row(cls, row: Any) -> NewMessage:
+        """A stored row, to publish again under its own noce_ack."""
+        return cls(
+            to_uid=row.to_uid,
+            msg_type=MsgType(row.msg_type),
+            body=row.body,
+            from_uid=row.from_uid,
+            noce_ack=row.noce_ack,
+        )
+
 
 def messages_store(*, messages: list[NewMessage], ignore_existing: bool = False) -> int:
     """Store messages in their shards, all or nothing; returns rows written.
