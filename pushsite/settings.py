@@ -208,6 +208,8 @@ if CELERY_BROKER_URL == "filesystem://":
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(_broker_dir),
         "data_folder_out": str(_broker_dir),
+        # kombu's default is ./control, inside whatever directory runs it.
+        "control_folder": str(VAR_DIR / "celery-control"),
     }
 CELERY_TASK_DEFAULT_QUEUE = env_str("PUSH_CELERY_QUEUE", "pushsite")
 CELERY_TASK_ACKS_LATE = True
