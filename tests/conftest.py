@@ -35,7 +35,7 @@ VERIFY_TOKEN = "test-verify-token"
 REAL_BACKENDS = bool(os.environ.get("DATABASE_URL")) and bool(os.environ.get("REDIS_URL"))
 
 # Property tests run a short profile in the suite and a long one on demand:
-#     HYPOTHESIS_PROFILE=long .venv/bin/pytest tests/fuzz tests/connections/test_protocol.py
+#     HYPOTHESIS_PROFILE=long .venv/bin/pytest --timeout 0 tests/fuzz tests/connections/test_protocol.py
 # No deadline: examples that go through a real server vary with its load.
 hypothesis_settings.register_profile(
     "default", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]

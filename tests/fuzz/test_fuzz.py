@@ -14,7 +14,7 @@ Invariants guarded here:
 The suite runs the "default" Hypothesis profile (tests/conftest.py); the long
 run (10,000 examples per property) is
 
-    HYPOTHESIS_PROFILE=long .venv/bin/pytest tests/fuzz tests/connections/test_protocol.py
+    HYPOTHESIS_PROFILE=long .venv/bin/pytest --timeout 0 tests/fuzz tests/connections/test_protocol.py
 """
 
 from __future__ import annotations
