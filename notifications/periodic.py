@@ -26,7 +26,6 @@ import json
 import logging
 import time
 import uuid
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +40,7 @@ from connections.selectors import online_uid_batches
 from . import envelopes
 from .models import PushJob, ScheduleRun
 from .publish import publish_stored
-from .sharding import message_model, shard_of
+from .sharding import message_model, uids_by_shard
 from .store import NewMessage
 
 log = logging.getLogger(__name__)
@@ -149,9 +148,7 @@ def unsent_deliver(*, msg_type: MsgType, batch_size: int = 1000) -> dict[str, in
     users = published = 0
     for _, uids in online_uid_batches(batch_size=batch_size):
         users += len(uids)
-        by_shard: dict[int, list[int]] = defaultdict(list)
-        for uid in uids:
-            by_shard[shard_of(uid)].append(uid)
+        by_shard = uids_by_shard(uids)
         messages = []
         for shard, shard_uids in by_shard.items():
             rows = message_model(shard).objects.filter(

@@ -6,7 +6,6 @@ Guarded by tests/notifications/test_store.py.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +13,7 @@ from django.db.models import Count
 
 from connections.protocol import MsgType, PushTemplate
 
-from .sharding import message_model, model_for_uid, shard_of
+from .sharding import message_model, model_for_uid, uids_by_shard
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,9 +71,7 @@ def unsent_for_user(*, uid: int, limit: int) -> list[Unsent]:
 
 def still_unread_of_type(*, uids: list[int], msg_type: int, excluding_prefix: str) -> set[int]:
     """Users who have an unread message of this type other than those whose noce_ack has the prefix."""
-    by_shard: dict[int, list[int]] = defaultdict(list)
-    for uid in uids:
-        by_shard[shard_of(uid)].append(uid)
+    by_shard = uids_by_shard(uids)
     found: set[int] = set()
     for shard, shard_uids in by_shard.items():
         found.update(

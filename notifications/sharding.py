@@ -32,6 +32,14 @@ def shard_of(uid: int) -> int:
     return uid % SHARD_COUNT
 
 
+def uids_by_shard(uids: list[int]) -> dict[int, list[int]]:
+    """The uids grouped by their shard, so each shard is read with one query."""
+    grouped: dict[int, list[int]] = {}
+    for uid in uids:
+        grouped.setdefault(shard_of(uid), []).append(uid)
+    return grouped
+
+
 def shard_table(shard: int) -> str:
     return f"{TABLE_PREFIX}{shard}"
 

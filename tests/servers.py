@@ -173,6 +173,13 @@ class ServerProcess:
                 self.kill()
 
 
+def daphne_with(name: str, env: dict[str, str]) -> ServerProcess:
+    """A daphne process on a free port with exactly this environment."""
+    port = free_port()
+    daphne_bin = str(BIN / "daphne")
+    return ServerProcess(name, [daphne_bin, "-b", "127.0.0.1", "-p", str(port), "pushsite.asgi:application"], env, port)
+
+
 def daphne(name: str = "daphne", **env: Any) -> ServerProcess:
     port = free_port()
     return ServerProcess(

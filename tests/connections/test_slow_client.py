@@ -18,7 +18,7 @@ from django.conf import settings
 
 from notifications.client import PushClient
 from tests.conftest import VERIFY_TOKEN
-from tests.servers import BIN, ServerProcess, configuration_environment, free_port, prepare_server_database
+from tests.servers import configuration_environment, daphne_with, prepare_server_database
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -45,10 +45,7 @@ def server(verify_server):
     env.update({"PUSH_JOBS": "inline", "PUSH_MAX_PENDING_BYTES": str(PENDING_LIMIT), "PUSH_REDIS_PREFIX": "slowtest"})
     env["PUSH_API_SECRET"] = settings.PUSH_API_SECRET
     prepare_server_database(env)
-    port = free_port()
-    node = ServerProcess(
-        "daphne-slow", [str(BIN / "daphne"), "-b", "127.0.0.1", "-p", str(port), "pushsite.asgi:application"], env, port
-    )
+    node = daphne_with("daphne-slow", env)
     node.start()
     yield node
     node.stop()

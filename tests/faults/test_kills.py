@@ -20,7 +20,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -36,7 +36,7 @@ from connections.presence import presence
 from notifications.client import PushClient
 from notifications.models import JobState, PushJob
 from notifications.services import push_jobs_requeue_stale
-from notifications.sharding import message_model, shard_of
+from notifications.sharding import message_model, uids_by_shard
 from pushsite.redis_client import get_redis
 from tests.servers import celery_worker, daphne
 
@@ -82,9 +82,7 @@ def job(job_id: str) -> PushJob:
 def rows_of_job(job_id: str, uids: list[int]) -> Counter[int]:
     """How many rows of the job each uid has (noce_acks derived from the job id)."""
     prefix = uuid.UUID(job_id).hex
-    by_shard: dict[int, list[int]] = defaultdict(list)
-    for uid in uids:
-        by_shard[shard_of(uid)].append(uid)
+    by_shard = uids_by_shard(uids)
     counts: Counter[int] = Counter()
     for shard, shard_uids in by_shard.items():
         counts.update(

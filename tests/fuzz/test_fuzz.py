@@ -38,7 +38,7 @@ from notifications import services
 from notifications.models import JobState, PushJob
 from notifications.sharding import model_for_uid
 from tests.conftest import VERIFY_TOKEN
-from tests.servers import BIN, ServerProcess, configuration_environment, free_port, prepare_server_database
+from tests.servers import configuration_environment, daphne_with, prepare_server_database
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -225,10 +225,7 @@ def fuzz_server(verify_server):
         {"PUSH_FRAME_RATE": "100000", "PUSH_FRAME_BURST": "100000", "PUSH_REDIS_PREFIX": settings.PUSH_REDIS_PREFIX}
     )
     prepare_server_database(env)
-    port = free_port()
-    node = ServerProcess(
-        "daphne-fuzz", [str(BIN / "daphne"), "-b", "127.0.0.1", "-p", str(port), "pushsite.asgi:application"], env, port
-    )
+    node = daphne_with("daphne-fuzz", env)
     node.start()
     yield node
     node.stop()
