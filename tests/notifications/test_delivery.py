@@ -19,7 +19,7 @@ COMMENT = "/api/comment/message"
 SYSTEM = "/api/notice/systemMessage"
 
 
-async def eventually(check, timeout: float = 3.0) -> Any:
+async def eventually(check, timeout: float = 20.0) -> Any:
     """Poll an async check until it returns something truthy."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
