@@ -53,6 +53,16 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far.
+
+    On a loaded machine wall-clock rates swing with what else runs; the CPU a
+    server spends per delivered frame does not, so both are reported.
+    """
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def progress(text: str) -> None:
     print(f"  .. {text}", file=sys.stderr, flush=True)
 
@@ -200,6 +210,9 @@ class Server:
     def rss(self) -> int:
         return rss_kib(self.proc.pid)
 
+    def cpu(self) -> float:
+        return cpu_seconds(self.proc.pid)
+
     def broadcast(self, uids: list[int], broadcasts: int) -> float:
         """Ask for the broadcasts; returns when they are handed over (publish time)."""
         body = {"title": "bench", "text": "x" * 64}
@@ -274,8 +287,10 @@ def run_case(kind: str, sockets: int, broadcasts: int) -> dict[str, object]:
         progress(f"{kind}: {broadcasts} broadcasts to {sockets} sockets")
         pipe.send("go")
         t0 = time.perf_counter()
+        cpu0 = server.cpu()
         publish_s = server.broadcast(uids, broadcasts)
         result = pipe.recv()
+        cpu_s = server.cpu() - cpu0
         client.join(30)
         # The client's clock and ours are the same monotonic clock on one machine.
         elapsed = result["last_at"] - t0 if result["received"] else float("nan")
@@ -290,6 +305,8 @@ def run_case(kind: str, sockets: int, broadcasts: int) -> dict[str, object]:
             "seconds": round(elapsed, 3),
             "msgs_per_s": round(result["received"] / elapsed) if result["received"] else 0,
             "publish_s": round(publish_s, 3),
+            # Only the broadcast phase; the idle tail after the last frame adds a little.
+            "server_cpu_us_per_msg": round(cpu_s * 1e6 / result["received"], 1) if result["received"] else 0,
             "connect_login_s": round(hello["ready"], 2),
             "logins_per_s": round(sockets / hello["ready"]),
             "kib_per_socket": round((idle_rss - base_rss) / sockets, 1),
@@ -317,9 +334,13 @@ def main() -> int:
             print(json.dumps(row), flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(rows, indent=2))
-    header = "| path | sockets | delivered msgs/s | lost | publish s | KiB/socket |\n|---|---:|---:|---:|---:|---:|\n"
+    header = (
+        "| path | sockets | delivered msgs/s | server CPU µs/msg | lost | publish s | KiB/socket |\n"
+        "|---|---:|---:|---:|---:|---:|---:|\n"
+    )
     lines = [
-        f"| {r['path']} | {r['sockets']} | {r['msgs_per_s']} | {r['lost']} | {r['publish_s']} | {r['kib_per_socket']} |"
+        f"| {r['path']} | {r['sockets']} | {r['msgs_per_s']} | {r['server_cpu_us_per_msg']} | {r['lost']} "
+        f"| {r['publish_s']} | {r['kib_per_socket']} |"
         for r in rows
     ]
     table = header + "\n".join(lines) + "\n"

@@ -19,13 +19,32 @@ missed as unsent or unread. Guarded by tests/connections/test_slow_client.py.
 raising from inside the consumer. Guarded by
 tests/connections/test_closing_client.py.
 
+4. Write text frames straight to the socket. A pushed frame through autobahn
+and Twisted costs a logging call that formats its arguments even when debug
+is off, a frame built field by field, and, because a Twisted write only
+queues, an ``add_writer``/``remove_writer`` pair (two ``epoll_ctl`` calls)
+and an event-loop turn per frame. The profile of a broadcast put that path
+above everything pushsite does per socket. An unmasked, unfragmented,
+uncompressed server frame is two to ten bytes of header and the payload; when
+nothing is queued on the transport, ``send`` it at once and queue only what
+the kernel did not take, so the order of bytes on the wire is kept. TLS
+transports, compressed sessions and anything autobahn has queued take the
+usual path. Guarded by tests/connections/test_daphne.py (frames of each length
+class) and the suites that push over real daphne.
+
 Installed when the ASGI module is imported under daphne (pushsite/asgi.py).
 """
 
 from __future__ import annotations
 
 import logging
+import struct
 from typing import Any
+
+try:
+    from twisted.internet.tcp import Server as TCPServer
+except ImportError:  # no daphne, no Twisted: nothing here is used
+    TCPServer = None
 
 log = logging.getLogger("pushsite.server")
 
@@ -37,6 +56,36 @@ def pending_bytes(transport: Any) -> int:
     """Bytes written to a TCP transport that the peer has not taken yet (0 if unknown)."""
     buffered = getattr(transport, "dataBuffer", b"")
     return len(buffered) - getattr(transport, "offset", 0) + getattr(transport, "_tempDataLen", 0)
+
+
+def text_frame(payload: bytes) -> bytes:
+    """One final, unmasked text frame (RFC 6455 section 5.2), as a server sends it."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x81, n)) + payload
+    if n < 65536:
+        return struct.pack("!BBH", 0x81, 126, n) + payload
+    return struct.pack("!BBQ", 0x81, 127, n) + payload
+
+
+def write_now(transport: Any, data: bytes) -> None:
+    """Write to a plain TCP transport, sending at once when nothing is queued before it."""
+    if (
+        type(transport) is TCPServer
+        and transport.connected
+        and not transport.disconnecting
+        and not pending_bytes(transport)
+    ):
+        try:
+            sent = transport.socket.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            sent = 0  # Twisted meets the same error on its own write and closes as usual
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)
 
 
 def max_pending_bytes() -> int:
@@ -77,7 +126,20 @@ def install_close_codes() -> bool:
                     log.warning("dropping %s: it does not read its frames", self.client_addr)
                     self.transport.abortConnection()
                 return
-            super().serverSend(content, binary)
+            if (
+                binary
+                or self.state != self.STATE_OPEN
+                or self._perMessageCompress is not None
+                or self.send_queue
+                or self.autoFragmentSize
+            ):
+                super().serverSend(content, binary)
+                return
+            payload = content.encode("utf8")
+            if 0 < self.maxMessagePayloadSize < len(payload):
+                super().serverSend(content, binary)  # autobahn refuses it and says why
+                return
+            write_now(self.transport, text_frame(payload))
 
     WebSocketFactory.protocol = PushWebSocketProtocol
     return True

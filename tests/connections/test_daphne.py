@@ -486,3 +486,24 @@ async def test_push_replays_at_login_and_reaches_every_socket_of_the_user(daphne
         assert frame["uid"] == 176906
         assert frame["noce_ack"] == live.noce_acks[uid]
         assert frame["body"] == {"to_uid": uid, "text": "评论 ✓"}
+
+
+@needs_real
+@pytest.mark.parametrize("size", [10, 200, 15_000])
+async def test_pushed_frames_of_each_length_class_arrive_whole(daphne, ws_connect, new_uid, settings, size):
+    # Pushed frames bypass autobahn (pushsite/server.py); 7-bit and 16-bit lengths both occur.
+    from notifications.services import notifications_push
+
+    settings.PUSH_REDIS_PREFIX = daphne.prefix
+    uid = new_uid()
+    client = await ws_connect(daphne)
+    await client.login(f"key-{uid}")
+    text = ("推送✓" * size)[:size]
+    pushed = await database_sync_to_async(notifications_push)(
+        msg_type=MsgType.COMMENT, uids=[uid], body={"text": text}, from_uid=7
+    )
+    assert pushed.sent == 1
+    frame = await client.recv()
+    assert frame["noce_ack"] == pushed.noce_acks[uid]
+    assert frame["body"] == {"to_uid": uid, "text": text}
+    assert (await client.request("heartbeat"))["uid"] == uid, "the stream stays in step after the frame"

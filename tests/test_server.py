@@ -1,0 +1,44 @@
+"""pushsite/server.py: the frames it writes straight to the socket parse as RFC 6455 frames."""
+
+from __future__ import annotations
+
+import pytest
+from websockets.exceptions import ProtocolError
+from websockets.frames import Frame, Opcode
+from websockets.streams import StreamReader
+
+from pushsite.server import text_frame
+
+
+def parse(data: bytes) -> Frame:
+    """Parse one frame the way a client does (unmasked, from a server)."""
+    reader = StreamReader()
+    reader.feed_data(data)
+    parser = Frame.parse(reader.read_exact, mask=False)
+    try:
+        next(parser)
+    except StopIteration as done:
+        assert not reader.buffer, "bytes left after the frame"
+        return done.value
+    raise AssertionError("the frame is incomplete")
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])
+def test_text_frame_parses_whole_at_every_length_boundary(size):
+    payload = ("é" * size).encode()[:size]  # a cut multi-byte character is still a byte count
+    frame = parse(text_frame(payload))
+    assert frame.opcode == Opcode.TEXT
+    assert frame.fin is True
+    assert frame.data == payload
+
+
+def test_text_frame_uses_the_shortest_length_field():
+    # A client may refuse a non-minimal length (RFC 6455 5.2); websockets does not, so check the bytes.
+    assert text_frame(b"x" * 125)[:2] == bytes((0x81, 125))
+    assert text_frame(b"x" * 126)[:4] == bytes((0x81, 126, 0, 126))
+    assert text_frame(b"x" * 65536)[:10] == bytes((0x81, 127, 0, 0, 0, 0, 0, 1, 0, 0))
+
+
+def test_a_truncated_frame_does_not_parse():
+    with pytest.raises((AssertionError, ProtocolError, EOFError)):
+        parse(text_frame(b"abc")[:-1])
