@@ -3,17 +3,20 @@
 Invariants:
 * one push is stored all or nothing: the shards of one database alias share a
   transaction, and if a later alias fails the rows already committed on the
-  others are deleted again;
+  others are deleted again; so are those of an alias whose commit failed, since
+  a server that stops drops the reply to a commit it has done; an undo the
+  database refused is retried before this process stores the next push;
 * ``messages_ack`` and ``messages_mark_sent`` touch only rows whose ``to_uid``
   is the given user's: a user can never ack another user's messages.
 
-Guarded by tests/notifications/test_store.py.
+Guarded by tests/notifications/test_store.py and tests/faults/test_mariadb_restart.py.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
+import threading
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -119,6 +122,7 @@ def messages_store(*, messages: list[NewMessage], ignore_existing: bool = False)
     for shard in by_shard:
         by_alias[shard_alias(shard)].append(shard)
 
+    _undo_pending()
     committed: list[str] = []
     written = 0
     try:
@@ -133,7 +137,9 @@ def messages_store(*, messages: list[NewMessage], ignore_existing: bool = False)
                         rows = [row for row in rows if row.noce_ack not in existing]
                     model.objects.bulk_create(rows, batch_size=1000, ignore_conflicts=ignore_existing)
                     written += len(rows)
-            committed.append(alias)
+                # Only the commit is left, and an error from here on may follow a
+                # commit the server did: a stopped MariaDB drops the reply.
+                committed.append(alias)
     except DatabaseError:
         if committed and not ignore_existing:
             _compensate(by_alias, by_shard, committed)
@@ -142,14 +148,41 @@ def messages_store(*, messages: list[NewMessage], ignore_existing: bool = False)
 
 
 def _compensate(by_alias: dict[str, list[int]], by_shard: dict[int, list[Any]], committed: list[str]) -> None:
-    """Delete what one push already committed on other aliases before failing."""
-    for alias in committed:
-        for shard in by_alias[alias]:
-            acks = [row.noce_ack for row in by_shard[shard]]
-            try:
-                message_model(shard).objects.using(alias).filter(noce_ack__in=acks).delete()
-            except DatabaseError:
-                log.error("could not undo %d rows of a failed push on shard %d", len(acks), shard)
+    """Delete what one push may have committed before failing; what the database refuses is undone later."""
+    undos = [
+        (alias, shard, [row.noce_ack for row in by_shard[shard]]) for alias in committed for shard in by_alias[alias]
+    ]
+    _undo(undos)
+
+
+# Undos the database refused (it was down), retried before the next store.
+_undos: list[tuple[str, int, list[str]]] = []
+_undos_lock = threading.Lock()
+
+
+def _undo(undos: list[tuple[str, int, list[str]]], *, retrying: bool = False) -> None:
+    """Delete (alias, shard, noce_acks) rows; from the first refusal on, queue the rest for later."""
+    for index, (alias, shard, acks) in enumerate(undos):
+        try:
+            message_model(shard).objects.using(alias).filter(noce_ack__in=acks).delete()
+        except DatabaseError as error:
+            left = undos[index:]
+            if not retrying:
+                log.error("could not undo a failed push on %d shards yet (%s); will retry", len(left), error)
+            with _undos_lock:
+                _undos.extend(left)
+            return
+    if retrying:
+        log.warning("undid failed pushes on %d shards after the database came back", len(undos))
+
+
+def _undo_pending() -> None:
+    """Retry the undos the database refused."""
+    with _undos_lock:
+        pending = _undos[:]
+        _undos.clear()
+    if pending:
+        _undo(pending, retrying=True)
 
 
 def _acks_by_shard(pairs: Iterable[tuple[int, str]]) -> dict[int, dict[str, int]]:
