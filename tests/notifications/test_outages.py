@@ -1,7 +1,9 @@
 """A backend that goes down: 503 at once, nothing half-stored, back to work after.
 
 A daphne process reaches MariaDB (both shard databases) and Redis through
-real TCP proxies that the tests cut and restore (tests/proxy.py).
+real TCP proxies that the tests cut and restore (tests/proxy.py). Real server
+processes stopped and started again: tests/faults/test_mariadb_restart.py and
+tests/faults/test_redis_restart.py.
 """
 
 from __future__ import annotations
