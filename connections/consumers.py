@@ -74,6 +74,24 @@ class PushConsumer(AsyncConsumer):
         self._replayed: set[str] | None = None
         self._replay_until = 0.0
 
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if self.layer_fanout:
+            await super().__call__(scope, receive, send)
+            return
+        # With the hub there is one source of messages, the client. Channels
+        # reads even one source through a Task and an asyncio.wait per frame;
+        # reading it directly keeps the same one-at-a-time order and spares
+        # an idle socket that Task, its wait set and their frames (about
+        # 3 KiB each, bench/README.md).
+        self.scope = scope
+        self.channel_layer = None
+        self.base_send = send
+        try:
+            while True:
+                await self.dispatch(await receive())
+        except StopConsumer:
+            pass
+
     async def dispatch(self, message: dict[str, Any]) -> None:
         # Channels closes stale DB connections before every handler; this
         # consumer does no ORM work outside ``bridge`` (which does it in the
@@ -130,9 +148,12 @@ class PushConsumer(AsyncConsumer):
         if self.closed:
             return False
         if self._replayed is not None:
-            if noce_ack in self._replayed:
+            if now > self._replay_until:
+                self._replayed = None  # an idle socket would keep it for its lifetime
+            elif noce_ack in self._replayed:
                 return False
-            self._replayed.add(noce_ack)
+            else:
+                self._replayed.add(noce_ack)
         self.last_active = now
         await self.base_send({"type": "websocket.send", "text": text})
         return True

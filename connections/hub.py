@@ -49,7 +49,10 @@ class Hub:
         self.loop = asyncio.get_running_loop()
         self.node = services.node_id()
         self.sockets: dict[str, PushConsumer] = {}
-        self.users: dict[int, set[PushConsumer]] = {}
+        # Tuples, replaced on join and leave: most users have one socket, a
+        # 1-tuple is a quarter of an empty set, and delivery needs no copy
+        # to stay safe while a socket leaves during its await.
+        self.users: dict[int, tuple[PushConsumer, ...]] = {}
         self._numbers = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
         self._starting: asyncio.Task[None] | None = None
@@ -81,13 +84,17 @@ class Hub:
             await self.stop()
 
     def join(self, uid: int, consumer: PushConsumer) -> None:
-        self.users.setdefault(uid, set()).add(consumer)
+        conns = self.users.get(uid, ())
+        if consumer not in conns:
+            self.users[uid] = (*conns, consumer)
 
     def leave(self, uid: int, consumer: PushConsumer) -> None:
         conns = self.users.get(uid)
-        if conns is not None:
-            conns.discard(consumer)
-            if not conns:
+        if conns is not None and consumer in conns:
+            rest = tuple(c for c in conns if c is not consumer)
+            if rest:
+                self.users[uid] = rest
+            else:
                 del self.users[uid]
 
     def renumber(self, consumer: PushConsumer) -> str:
@@ -139,7 +146,7 @@ class Hub:
                     template = PushTemplate(MsgType(group["msg_type"]), from_uid=group["from_uid"], body=group["body"])
                 text = template.render(uid, noce_ack)
                 delivered = False
-                for consumer in tuple(conns):
+                for consumer in conns:
                     delivered = await consumer.push_text(text, noce_ack, now) or delivered
                 if delivered:
                     sent.append((uid, noce_ack))
