@@ -32,6 +32,16 @@ transports, compressed sessions and anything autobahn has queued take the
 usual path. Guarded by tests/connections/test_daphne.py (frames of each length
 class) and the suites that push over real daphne.
 
+5. Let go of the HTTP request a socket was upgraded from. Twisted's HTTP
+channel registers itself as its transport's producer, and daphne leaves it
+there when it hands the transport to the WebSocket protocol: every open
+socket kept its handshake request, both header sets and the request body
+buffer alive (a few KiB each, bench/README.md). The channel is unregistered
+once the socket is open, and autobahn's copies of the handshake (raw bytes,
+parsed headers and query) are dropped; the application's scope keeps its
+own headers. Guarded by
+tests/test_server.py::test_an_open_socket_keeps_no_http_channel.
+
 Installed when the ASGI module is imported under daphne (pushsite/asgi.py).
 """
 
@@ -43,8 +53,9 @@ from typing import Any
 
 try:
     from twisted.internet.tcp import Server as TCPServer
+    from twisted.web.http import HTTPChannel
 except ImportError:  # no daphne, no Twisted: nothing here is used
-    TCPServer = None
+    TCPServer = HTTPChannel = None
 
 log = logging.getLogger("pushsite.server")
 
@@ -88,6 +99,12 @@ def write_now(transport: Any, data: bytes) -> None:
     transport.write(data)
 
 
+def release_http_channel(transport: Any) -> None:
+    """Unregister the HTTP channel an upgraded transport still has as its producer."""
+    if HTTPChannel is not None and isinstance(getattr(transport, "producer", None), HTTPChannel):
+        transport.unregisterProducer()
+
+
 def max_pending_bytes() -> int:
     from django.conf import settings
 
@@ -106,6 +123,13 @@ def install_close_codes() -> bool:
     class PushWebSocketProtocol(WebSocketProtocol):
         pushsite_protocol = True
         pushsite_dropped = False
+
+        def onOpen(self):
+            super().onOpen()
+            release_http_channel(self.transport)
+            # Read only while the handshake is processed; daphne's close log needs request.path alone.
+            self.http_request_data = self.http_headers = self.http_request_params = None
+            self.request.headers = self.request.params = {}
 
         def serverClose(self, code=None):
             if code in SERVER_CLOSE_CODES:

@@ -42,3 +42,30 @@ def test_text_frame_uses_the_shortest_length_field():
 def test_a_truncated_frame_does_not_parse():
     with pytest.raises((AssertionError, ProtocolError, EOFError)):
         parse(text_frame(b"abc")[:-1])
+
+
+def test_an_open_socket_keeps_no_http_channel():
+    # daphne leaves the HTTP channel it upgraded from as the transport's producer,
+    # which kept every socket's handshake request alive.
+    from twisted.internet.testing import StringTransport
+    from twisted.web.http import HTTPChannel
+
+    from pushsite.server import release_http_channel
+
+    transport = StringTransport()
+    transport.registerProducer(HTTPChannel(), True)
+    release_http_channel(transport)
+    assert transport.producer is None
+
+
+def test_a_producer_of_another_kind_stays_registered():
+    from twisted.internet.testing import StringTransport
+    from twisted.protocols.basic import FileSender
+
+    from pushsite.server import release_http_channel
+
+    transport = StringTransport()
+    sender = FileSender()
+    transport.registerProducer(sender, False)
+    release_http_channel(transport)
+    assert transport.producer is sender
