@@ -24,6 +24,8 @@ if ((DEV)); then
   # Browser tests drive Debian's Chromium through its chromedriver (nothing is
   # downloaded); the client's unit tests run on Node's own test runner.
   PACKAGES+=(chromium chromium-driver)
+  # The two-node test runs a real nginx in front of daphne over wss.
+  PACKAGES+=(nginx openssl)
   command -v node >/dev/null 2>&1 || PACKAGES+=(nodejs)
 fi
 missing=()
