@@ -5,6 +5,11 @@ calls one service and formats the answer. Every error is the contract's JSON
 ``{"code": n, "msg": "..."}`` with the same HTTP status; a backend that is down
 is a 503 and nothing is half-stored.
 
+The signed push endpoints are answered by ``PushApiApp`` in front of Django
+(pushsite/asgi.py), with one hop to the bridge per request; their Django
+routes stay and run the same ``checked_call``, so both ways check the same
+signature and answer the same codes.
+
 Guarded by tests/notifications/test_api.py.
 """
 
@@ -22,6 +27,7 @@ from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.db import DatabaseError
 from django.http import HttpRequest, JsonResponse
+from django.http.request import split_domain_port, validate_host
 from django.views.decorators.cache import cache_control
 from django.views.decorators.csrf import csrf_exempt
 from pydantic import BaseModel, ValidationError
@@ -62,36 +68,17 @@ def api_view(*, method: str, signed: bool = True) -> Callable[[Callable[..., Jso
 
     def decorate(view: Callable[..., JsonResponse]) -> Any:
         def handle(request: HttpRequest, args: tuple[Any, ...], kwargs: dict[str, Any]) -> JsonResponse:
-            if request.method != method:
-                response = api_response(405, f"method {request.method} not allowed; use {method}")
-                response["Allow"] = method
-                return response
-            try:
-                length = int(request.META.get("CONTENT_LENGTH") or 0)
-                if length > settings.PUSH_API_MAX_REQUEST_BYTES:
-                    raise ApiError(413, f"request body larger than {settings.PUSH_API_MAX_REQUEST_BYTES} bytes")
-                raw = request.body
-                if signed:
-                    problem = check_signature(
-                        secret=settings.PUSH_API_SECRET,
-                        timestamp=request.headers.get("X-Push-Timestamp"),
-                        signature=request.headers.get("X-Push-Signature"),
-                        body=raw,
-                        max_skew=settings.PUSH_API_MAX_SKEW,
-                    )
-                    if problem:
-                        raise ApiError(401, problem)
-                return view(request, *args, **kwargs)
-            except ApiError as error:
-                return api_response(error.status, error.msg)
-            except RequestDataTooBig:
-                return api_response(413, f"request body larger than {settings.PUSH_API_MAX_REQUEST_BYTES} bytes")
-            except (BackendUnavailable, DatabaseError, redis.RedisError) as error:
-                log.warning("push API %s: backend unavailable: %s", request.path, error)
-                return api_response(503, "service unavailable: a backend is down, nothing was stored; retry later")
-            except Exception:
-                log.exception("push API %s failed", request.path)
-                return api_response(500, "internal error")
+            return checked_call(
+                method=request.method or "",
+                allowed=method,
+                path=request.path,
+                length=request.META.get("CONTENT_LENGTH"),
+                read_body=lambda: request.body,
+                timestamp=request.headers.get("X-Push-Timestamp") if signed else None,
+                signature=request.headers.get("X-Push-Signature") if signed else None,
+                signed=signed,
+                run=lambda raw: view(request, *args, **kwargs),
+            )
 
         @csrf_exempt
         @functools.wraps(view)
@@ -103,11 +90,59 @@ def api_view(*, method: str, signed: bool = True) -> Callable[[Callable[..., Jso
     return decorate
 
 
-def parse_body(request: HttpRequest, envelope: type[BaseModel]) -> Any:
-    if not request.body:
+def checked_call(
+    *,
+    method: str,
+    allowed: str,
+    path: str,
+    length: str | int | None,
+    read_body: Callable[[], bytes],
+    timestamp: str | None,
+    signature: str | None,
+    signed: bool,
+    run: Callable[[bytes], JsonResponse],
+) -> JsonResponse:
+    """What every API request goes through, whichever way it came in (Django or ``PushApiApp``)."""
+    if method != allowed:
+        response = api_response(405, f"method {method} not allowed; use {allowed}")
+        response["Allow"] = allowed
+        return response
+    try:
+        try:
+            declared = int(length or 0)
+        except ValueError:
+            raise ApiError(400, "Content-Length is not a number") from None
+        if declared > settings.PUSH_API_MAX_REQUEST_BYTES:
+            raise ApiError(413, f"request body larger than {settings.PUSH_API_MAX_REQUEST_BYTES} bytes")
+        raw = read_body()
+        if signed:
+            problem = check_signature(
+                secret=settings.PUSH_API_SECRET,
+                timestamp=timestamp,
+                signature=signature,
+                body=raw,
+                max_skew=settings.PUSH_API_MAX_SKEW,
+            )
+            if problem:
+                raise ApiError(401, problem)
+        return run(raw)
+    except ApiError as error:
+        return api_response(error.status, error.msg)
+    except RequestDataTooBig:
+        return api_response(413, f"request body larger than {settings.PUSH_API_MAX_REQUEST_BYTES} bytes")
+    except (BackendUnavailable, DatabaseError, redis.RedisError) as error:
+        log.warning("push API %s: backend unavailable: %s", path, error)
+        return api_response(503, "service unavailable: a backend is down, nothing was stored; retry later")
+    except Exception:
+        log.exception("push API %s failed", path)
+        return api_response(500, "internal error")
+
+
+def parse_body(raw: bytes, envelope: type[BaseModel]) -> Any:
+    if not raw:
         raise ApiError(400, "request body is empty; send a JSON object")
     try:
-        data = json.loads(request.body)
+        data = json.loads(raw)
     except (ValueError, RecursionError):
         raise ApiError(400, "request body is not valid JSON") from None
     if not isinstance(data, dict):
@@ -118,8 +153,8 @@ def parse_body(request: HttpRequest, envelope: type[BaseModel]) -> Any:
         raise ApiError(400, envelopes.describe(error)) from None
 
 
-def _targeted_push(request: HttpRequest, envelope: type[envelopes._Targeted], msg_type: MsgType) -> JsonResponse:
-    push = parse_body(request, envelope)
+def _targeted_push(raw: bytes, envelope: type[envelopes._Targeted], msg_type: MsgType) -> JsonResponse:
+    push = parse_body(raw, envelope)
     uids = push.targets
     if len(uids) > settings.PUSH_API_INLINE_MAX_UIDS:
         job = services.push_job_create(msg_type=msg_type, uids=uids, body=push.body, from_uid=push.from_uid)
@@ -136,24 +171,36 @@ def _targeted_push(request: HttpRequest, envelope: type[envelopes._Targeted], ms
     )
 
 
+def _user_message(raw: bytes) -> JsonResponse:
+    return _targeted_push(raw, envelopes.UserMessage, MsgType.USER_NOTICE)
+
+
+def _comment_message(raw: bytes) -> JsonResponse:
+    return _targeted_push(raw, envelopes.CommentMessage, MsgType.COMMENT)
+
+
+def _system_message(raw: bytes) -> JsonResponse:
+    push = parse_body(raw, envelopes.SystemMessage)
+    job = services.push_job_create(msg_type=MsgType.SYSTEM_NOTICE, uids=None, body=push.body, from_uid=0)
+    return api_response(202, "ACCEPTED", {"job_id": str(job.id), "uids": None})
+
+
 @api_view(method="POST")
 def user_message(request: HttpRequest) -> JsonResponse:
     """A personal notice (msg_type 7) to each uid."""
-    return _targeted_push(request, envelopes.UserMessage, MsgType.USER_NOTICE)
+    return _user_message(request.body)
 
 
 @api_view(method="POST")
 def comment_message(request: HttpRequest) -> JsonResponse:
     """A comment notification (msg_type 5) to each uid."""
-    return _targeted_push(request, envelopes.CommentMessage, MsgType.COMMENT)
+    return _comment_message(request.body)
 
 
 @api_view(method="POST")
 def system_message(request: HttpRequest) -> JsonResponse:
     """A system notice (msg_type 6) to every online user, as a job."""
-    push = parse_body(request, envelopes.SystemMessage)
-    job = services.push_job_create(msg_type=MsgType.SYSTEM_NOTICE, uids=None, body=push.body, from_uid=0)
-    return api_response(202, "ACCEPTED", {"job_id": str(job.id), "uids": None})
+    return _system_message(request.body)
 
 
 @api_view(method="GET")
@@ -214,3 +261,106 @@ def healthz(request: HttpRequest) -> JsonResponse:
 @csrf_exempt
 def api_not_found(request: HttpRequest) -> JsonResponse:
     return api_response(404, f"no API endpoint at {request.path[:100]}")
+
+
+# --- the push API without Django's request cycle ------------------------------
+
+# The signed push endpoints, served by ``PushApiApp``; the Django routes in
+# notifications/urls.py stay, for anything that calls Django directly.
+FAST_ROUTES: dict[str, Callable[[bytes], JsonResponse]] = {
+    "/api/notice/userMessage": _user_message,
+    "/api/comment/message": _comment_message,
+    "/api/notice/systemMessage": _system_message,
+}
+
+
+class PushApiApp:
+    """ASGI: the signed push endpoints answered with one hop to the bridge; anything else goes to ``inner``.
+
+    Why not Django's request cycle: under ASGI it starts a thread per request
+    and hops to it for every sync middleware, signal receiver and the request
+    body, about a dozen thread switches before and after the view. With the
+    service's own work on the bridge that was most of the server's CPU per push
+    (bench/README.md, latency). None of those middlewares means anything to a
+    signed JSON API (no session, user, CSRF, frames or redirects); the Host
+    check Django would make is made here.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] not in FAST_ROUTES:
+            await self.inner(scope, receive, send)
+            return
+        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
+        if not _host_allowed(headers.get("host", "")):
+            response = api_response(400, "Host header not allowed")
+        else:
+            body, too_big = await _read_body(receive, settings.PUSH_API_MAX_REQUEST_BYTES)
+            if body is None:
+                return  # the client went away before its body was in: nothing is done, as in Django
+            response = await bridge.call(
+                _fast_handle,
+                path=scope["path"],
+                method=scope["method"],
+                headers=headers,
+                body=body,
+                too_big=too_big,
+            )
+        # What CommonMiddleware and SecurityMiddleware would add to a JSON answer.
+        response["Content-Length"] = str(len(response.content))
+        response["X-Content-Type-Options"] = "nosniff"
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status_code,
+                "headers": [(name.encode("latin-1"), value.encode("latin-1")) for name, value in response.items()],
+            }
+        )
+        await send({"type": "http.response.body", "body": response.content})
+
+
+def _fast_handle(*, path: str, method: str, headers: dict[str, str], body: bytes, too_big: bool) -> JsonResponse:
+    def read_body() -> bytes:
+        if too_big:
+            raise RequestDataTooBig
+        return body
+
+    return checked_call(
+        method=method,
+        allowed="POST",
+        path=path,
+        length=headers.get("content-length"),
+        read_body=read_body,
+        timestamp=headers.get("x-push-timestamp"),
+        signature=headers.get("x-push-signature"),
+        signed=True,
+        run=FAST_ROUTES[path],
+    )
+
+
+async def _read_body(receive: Any, limit: int) -> tuple[bytes | None, bool]:
+    """The request body; (b"", True) once it passes ``limit`` bytes, (None, False) if the client left."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None, False
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return b"", True
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks), False
+
+
+def _host_allowed(host: str) -> bool:
+    """Django's ALLOWED_HOSTS check (HttpRequest.get_host), for requests that skip Django."""
+    allowed = settings.ALLOWED_HOSTS
+    if settings.DEBUG and not allowed:
+        allowed = [".localhost", "127.0.0.1", "[::1]"]
+    domain, _port = split_domain_port(host)
+    return bool(domain) and validate_host(domain, allowed)

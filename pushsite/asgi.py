@@ -13,6 +13,7 @@ from django.conf import settings  # noqa: E402
 
 from connections.routing import websocket_urlpatterns  # noqa: E402
 from connections.security import OriginCheck  # noqa: E402
+from notifications.views import PushApiApp  # noqa: E402
 from pushsite.server import install_close_codes  # noqa: E402
 
 install_close_codes()
@@ -27,6 +28,9 @@ if settings.PUSH_SERVE_STATIC:
     from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
 
     http_app = ASGIStaticFilesHandler(django_asgi_app)
+
+# The signed push API skips Django's request cycle (notifications/views.py, PushApiApp).
+http_app = PushApiApp(http_app)
 
 application = ProtocolTypeRouter(
     {

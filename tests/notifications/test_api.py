@@ -252,3 +252,64 @@ async def test_push_to_many_uids_becomes_a_job_answered_202(api, settings, new_u
         if await database_sync_to_async(lambda: PushJob.objects.get(id=job_id).state)() == "done":
             break
         await asyncio.sleep(0.05)
+
+
+async def test_push_api_refuses_a_host_not_allowed_and_stores_nothing(api, settings, new_uid):
+    # The push endpoints skip Django's request cycle (PushApiApp); its Host check must stay.
+    settings.ALLOWED_HOSTS = ["testserver"]
+    uid = new_uid()
+    status, answer = await api.post(USER, {"uid": uid, "body": {}}, headers={"host": "evil.example"})
+    assert status == 400 and answer["code"] == 400
+    assert await nothing_stored_for(uid)
+    status, _ = await api.post(USER, {"uid": uid, "body": {}})
+    assert status == 200
+
+
+async def test_push_api_answer_has_a_length_so_connections_are_kept(new_uid):
+    from channels.testing import HttpCommunicator
+    from django.conf import settings
+
+    from notifications.signing import signed_headers
+    from pushsite.asgi import application
+
+    body = json.dumps({"uid": new_uid(), "body": {}}).encode()
+    headers = {"host": "testserver", **signed_headers(settings.PUSH_API_SECRET, body)}
+    communicator = HttpCommunicator(
+        application, "POST", USER, body=body, headers=[(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    )
+    response = await communicator.get_response(timeout=10)
+    sent = dict(response["headers"])
+    assert response["status"] == 200
+    assert int(sent[b"Content-Length"]) == len(response["body"])
+    assert sent[b"Content-Type"] == b"application/json"
+
+
+async def test_django_route_of_the_push_api_answers_as_the_fast_path(rows, new_uid):
+    """The URL routes stay for anything that calls Django directly; same checks, same answer."""
+    from channels.testing import HttpCommunicator
+    from django.conf import settings
+
+    from notifications.signing import signed_headers
+    from pushsite.asgi import django_asgi_app
+
+    uid = new_uid()
+    body = json.dumps({"uid": uid, "body": {"via": "django"}}).encode()
+
+    async def post(headers: dict[str, str]) -> tuple[int, dict]:
+        headers = {"host": "testserver", "content-type": "application/json", **headers}
+        communicator = HttpCommunicator(
+            django_asgi_app,
+            "POST",
+            USER,
+            body=body,
+            headers=[(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        )
+        response = await communicator.get_response(timeout=10)
+        return response["status"], json.loads(response["body"])
+
+    status, answer = await post({})
+    assert status == 401 and answer["code"] == 401
+    status, answer = await post(signed_headers(settings.PUSH_API_SECRET, body))
+    assert status == 200 and answer["data"]["stored"] == 1
+    (row,) = await rows(uid)
+    assert row.body == {"via": "django"} and answer["data"]["noce_acks"] == {str(uid): row.noce_ack}
