@@ -67,6 +67,21 @@ async def test_every_socket_of_the_user_gets_it_and_nobody_else(api, connect, ve
     assert await anonymous.nothing()
 
 
+async def test_push_to_online_and_offline_users_goes_only_to_the_online(api, connect, verifier, rows, new_uid):
+    # One Redis round trip checks presence and publishes (notifications/publish.py);
+    # the offline user's row waits, unsent, for the next login.
+    online, offline = new_uid(), new_uid()
+    sock = await logged_in(connect, online)
+    status, answer = await api.post(USER, {"uids": [offline, online], "body": {"n": 1}})
+    assert status == 200 and answer["data"]["stored"] == 2 and answer["data"]["sent"] == 1
+    frame = await sock.recv()
+    assert frame["body"] == {"to_uid": online, "n": 1}
+    assert frame["noce_ack"] == answer["data"]["noce_acks"][str(online)]
+    assert await sock.nothing()
+    (row,) = await rows(offline)
+    assert not row.is_sent
+
+
 async def test_offline_user_gets_stored_messages_at_login(api, connect, verifier, rows, new_uid):
     uid = new_uid()
     await api.post(USER, {"uids": [uid], "body": {"n": 1}})
