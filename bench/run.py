@@ -96,8 +96,6 @@ def latency_case(sockets: int, rate: int, seconds: float) -> dict[str, object]:
 
 
 async def _push_at_rate(port: int, uids: list[int], rate: int, total: int) -> list[int]:
-    import httpx
-
     from notifications.signing import signed_headers
 
     secret = os.environ.get("PUSH_API_SECRET", "pushsite-development-api-secret")
@@ -106,34 +104,72 @@ async def _push_at_rate(port: int, uids: list[int], rate: int, total: int) -> li
     # once: a server that cannot keep up shows as a lower achieved rate and
     # queueing in the latency, not as a client that falls over.
     in_flight = asyncio.Semaphore(IN_FLIGHT)
-    limits = httpx.Limits(max_connections=IN_FLIGHT, max_keepalive_connections=IN_FLIGHT)
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30, limits=limits) as http:
+    pool = _KeepAlivePool(port)
 
-        async def one(uid: int) -> None:
-            try:
-                body = json.dumps({"uid": uid, "body": {"t": time.perf_counter()}}).encode()
-                response = await http.post(
-                    "/api/notice/userMessage",
-                    content=body,
-                    headers={"Content-Type": "application/json", **signed_headers(secret, body)},
-                )
-                statuses.append(response.status_code)
-            except httpx.HTTPError:
-                statuses.append(0)
-            finally:
-                in_flight.release()
+    async def one(uid: int) -> None:
+        try:
+            body = json.dumps({"uid": uid, "body": {"t": time.perf_counter()}}).encode()
+            statuses.append(await pool.post("/api/notice/userMessage", body, signed_headers(secret, body)))
+        except (OSError, ValueError, KeyError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            statuses.append(0)
+        finally:
+            in_flight.release()
 
-        started = time.perf_counter()
-        tasks = []
-        for n in range(total):
-            delay = started + n / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            await in_flight.acquire()
-            tasks.append(asyncio.create_task(one(random.choice(uids))))
-        await asyncio.gather(*tasks)
-        achieved.append(total / (time.perf_counter() - started))
+    started = time.perf_counter()
+    tasks = []
+    for n in range(total):
+        delay = started + n / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await in_flight.acquire()
+        tasks.append(asyncio.create_task(one(random.choice(uids))))
+    await asyncio.gather(*tasks)
+    achieved.append(total / (time.perf_counter() - started))
+    pool.close()
     return statuses
+
+
+class _KeepAlivePool:
+    """Raw HTTP/1.1 keep-alive connections, one request at a time on each.
+
+    Not httpx: its connection pool scans every connection on every request
+    (``has_expired``, a ``getpeername`` and a poll per connection), which at
+    64 connections cost the load generator 8-10 ms of CPU per request, more
+    than twice the server's, so the benchmark measured its own client
+    (bench/README.md, latency).
+    """
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def post(self, path: str, body: bytes, headers: dict[str, str]) -> int:
+        conn = self.idle.pop() if self.idle else await asyncio.open_connection("127.0.0.1", self.port)
+        reader, writer = conn
+        try:
+            head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+            writer.write(
+                f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n{head}\r\n".encode()
+                + body
+            )
+            lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+            status = int(lines[0].split()[1])
+            fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+            await reader.readexactly(int(fields["content-length"]))
+        except BaseException:
+            writer.close()
+            raise
+        if fields.get("connection", "").lower() == "close":
+            writer.close()
+        else:
+            self.idle.append(conn)
+        return status
+
+    def close(self) -> None:
+        for _reader, writer in self.idle:
+            writer.close()
+        self.idle.clear()
 
 
 # --- 4. storage ---------------------------------------------------------------------
