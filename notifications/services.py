@@ -9,7 +9,8 @@ Invariants:
   notices become a ``PushJob`` committed before anything is queued, so an
   accepted push survives a lost queue message (``push_jobs_requeue_stale``);
 * running a job twice, or resuming one cut off, stores no duplicate row: its
-  noce_acks are derived from the job id and the uid;
+  noce_acks are derived from the job id and the uid, and a batch is stored
+  with INSERT IGNORE on the unique noce_ack, so no row is read first;
 * a job is queued again only after ``older_than`` seconds without progress,
   not while a worker moves it on batch by batch;
 * an admin resend publishes rows that exist, under their own noce_acks, and
@@ -46,7 +47,7 @@ from .models import JobState, PushJob
 from .publish import publish_stored
 from .selectors import still_unread_of_type
 from .sharding import message_model
-from .store import NewMessage, messages_store
+from .store import NewMessage, messages_store, messages_store_batch
 
 log = logging.getLogger(__name__)
 
@@ -144,19 +145,20 @@ def push_job_run(
     PushJob.objects.filter(id=job.id).update(
         state=JobState.RUNNING, attempts=F("attempts") + 1, updated_at=timezone.now()
     )
+    msg_type = MsgType(job.msg_type)
     try:
         for uids in _job_batches(job, batch_size):
             messages = [
                 NewMessage(
                     to_uid=uid,
-                    msg_type=MsgType(job.msg_type),
+                    msg_type=msg_type,
                     body=job.body,
                     from_uid=job.from_uid,
                     noce_ack=job.noce_ack_for(uid),
                 )
                 for uid in uids
             ]
-            stored = messages_store(messages=messages, ignore_existing=True)
+            stored = messages_store_batch(messages=messages)
             if job.periodic:
                 # A periodic run stores the notice for everyone but pushes it
                 # only to users who have read the earlier ones of its type.

@@ -11,7 +11,7 @@ from django.core.management.base import CommandError
 from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
 from connections.protocol import MsgType
-from notifications import periodic
+from notifications import periodic, services
 from notifications.models import JobState, PushJob, ScheduleRun
 from notifications.services import push_job_run
 from notifications.sharding import model_for_uid
@@ -148,6 +148,33 @@ async def test_broadcast_run_cut_off_resumes_without_duplicates(connect, verifie
 
     done = await database_sync_to_async(push_job_run)(job_id=job.id, batch_size=2)
     assert done.state == JobState.DONE and done.stored == 5
+    for uid in uids:
+        assert len(await rows_of(uid, 6)) == 1
+
+
+async def test_broadcast_run_cut_off_between_storing_and_progress_stores_no_duplicate(
+    connect, verifier, new_uid, monkeypatch
+):
+    uids = [new_uid() for _ in range(5)]
+    for uid in uids:
+        await logged_in(connect, uid)
+    job = await database_sync_to_async(periodic.broadcast_job)(
+        msg_type=MsgType.SYSTEM_NOTICE, body={"cut": 2}, run_key=f"cut-stored-{uids[0]}"
+    )
+
+    def die_after_storing(*, messages: list) -> int:
+        raise RuntimeError("worker died with its first batch stored, before its progress was saved")
+
+    monkeypatch.setattr(services, "publish_stored", die_after_storing)
+    with pytest.raises(RuntimeError):
+        await database_sync_to_async(push_job_run)(job_id=job.id, batch_size=2)
+    cut = await database_sync_to_async(PushJob.objects.get)(id=job.id)
+    assert (cut.state, cut.stored, cut.cursor) == (JobState.RUNNING, 0, 0)
+    assert sum([len(await rows_of(uid, 6)) for uid in uids]) == 2
+
+    monkeypatch.undo()  # the job re-queued: it stores its first batch again
+    done = await database_sync_to_async(push_job_run)(job_id=job.id, batch_size=2)
+    assert done.state == JobState.DONE and done.attempts == 2
     for uid in uids:
         assert len(await rows_of(uid, 6)) == 1
 

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from contextlib import ExitStack
+
 import pytest
 from django.core.management import call_command
-from django.db import connections
+from django.db import DatabaseError, connections
+from django.test.utils import CaptureQueriesContext
 
 from connections.protocol import MsgType
-from notifications.sharding import SHARD_COUNT, message_model, shard_alias, shard_of, shards_by_alias
-from notifications.store import NewMessage, messages_ack, messages_mark_sent, messages_store
+from notifications.selectors import still_unread_of_type
+from notifications.sharding import SHARD_COUNT, message_model, shard_alias, shard_of, shards_by_alias, uids_by_shard
+from notifications.store import (
+    NewMessage,
+    messages_ack,
+    messages_mark_sent,
+    messages_store,
+    messages_store_batch,
+    shard_tables_create,
+)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -115,3 +127,70 @@ def test_mark_sent_and_ack_touch_only_the_owners_rows(new_uid):
 def test_migrations_are_coherent_with_the_models():
     # Shard models live outside the app registry, so they never reach here.
     call_command("makemigrations", "--check", "--dry-run", verbosity=0)
+
+
+# --- a job's batches ----------------------------------------------------------
+
+
+def _job_rows(uids: list[int], prefix: str) -> Counter[int]:
+    counts: Counter[int] = Counter()
+    for shard, shard_uids in uids_by_shard(uids).items():
+        counts.update(
+            message_model(shard)
+            .objects.filter(to_uid__in=shard_uids, noce_ack__startswith=prefix)
+            .values_list("to_uid", flat=True)
+        )
+    return counts
+
+
+def _job_batch(base: int, count: int, prefix: str, msg_type: MsgType = MsgType.SYSTEM_NOTICE) -> list[NewMessage]:
+    """Messages to ``count`` consecutive uids: every shard, so every shard database."""
+    body = {"batch": prefix}
+    return [
+        NewMessage(to_uid=base + n, msg_type=msg_type, body=body, noce_ack=f"{prefix}-{base + n}") for n in range(count)
+    ]
+
+
+def test_a_job_batch_stored_again_adds_only_the_missing_rows(new_uid):
+    base, prefix = new_uid() * 1000, f"batch{new_uid()}"
+    messages = _job_batch(base, 300, prefix)
+    assert messages_store_batch(messages=messages[:120]) == 120  # a run cut off after part of a batch
+    assert messages_store_batch(messages=messages) == 180  # its re-run, counting only what is new
+    assert messages_store_batch(messages=messages) == 0
+    assert _job_rows([m.to_uid for m in messages], prefix) == Counter({m.to_uid: 1 for m in messages})
+    row = message_model(shard_of(base + 7)).objects.get(noce_ack=f"{prefix}-{base + 7}")
+    assert (row.to_uid, row.msg_type, row.body, row.is_sent, row.is_read) == (base + 7, 6, {"batch": prefix}, 0, 0)
+    assert row.create_time == row.update_time and row.create_time is not None
+
+
+def test_a_job_batch_that_fails_on_one_shard_leaves_nothing_on_any_database(new_uid):
+    base, prefix = new_uid() * 1000, f"fail{new_uid()}"
+    messages = _job_batch(base, 256, prefix)
+    last = message_model(SHARD_COUNT - 1)  # the last shard: written after every other database's rows
+    with connections[shard_alias(SHARD_COUNT - 1)].schema_editor() as editor:
+        editor.delete_model(last)
+    try:
+        with pytest.raises(DatabaseError):
+            messages_store_batch(messages=messages)
+    finally:
+        shard_tables_create()
+    assert _job_rows([m.to_uid for m in messages], prefix) == Counter()
+    assert messages_store_batch(messages=messages) == 256  # and the retry stores the whole batch
+
+
+def test_still_unread_of_type_reads_each_shard_database_once(new_uid):
+    base, run, old = new_uid() * 1000, f"run{new_uid()}", f"old{new_uid()}"
+    uids = [base + n for n in range(300)]
+    messages_store_batch(messages=_job_batch(base, 300, run))  # this run's own rows never count
+    waiting = set(uids[::3])
+    messages_store_batch(messages=[m for m in _job_batch(base, 300, old) if m.to_uid in waiting])
+    messages_store_batch(messages=_job_batch(base, 300, f"other{new_uid()}", MsgType.USER_NOTICE)[::2])
+    read = uids[::9]  # in waiting too: an old notice read does not hold the new one back
+    for uid in read:
+        messages_ack(uid=uid, noce_acks=[f"{old}-{uid}"])
+    aliases = sorted(shards_by_alias())
+    with ExitStack() as stack:
+        captured = {alias: stack.enter_context(CaptureQueriesContext(connections[alias])) for alias in aliases}
+        found = still_unread_of_type(uids=uids, msg_type=int(MsgType.SYSTEM_NOTICE), excluding_prefix=run)
+    assert found == waiting - set(read)
+    assert {alias: len(queries) for alias, queries in captured.items()} == dict.fromkeys(aliases, 1)
