@@ -42,13 +42,23 @@ parsed headers and query) are dropped; the application's scope keeps its
 own headers. Guarded by
 tests/test_server.py::test_an_open_socket_keeps_no_http_channel.
 
+6. Give each socket's application a small input queue. daphne makes an
+``asyncio.Queue`` per connection: four deques (getters, putters, items and an
+Event's waiters) of about 600 bytes each, for a queue that holds one frame at
+a time and has one reader. ``InputQueue`` keeps what daphne and the ASGI
+``receive`` use of it (``put_nowait`` and ``get``) in a list and one future.
+HTTP requests keep daphne's own. Guarded by tests/test_server.py and every
+test that talks to real daphne.
+
 Installed when the ASGI module is imported under daphne (pushsite/asgi.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import struct
+from functools import partial
 from typing import Any
 
 try:
@@ -103,6 +113,31 @@ def release_http_channel(transport: Any) -> None:
     """Unregister the HTTP channel an upgraded transport still has as its producer."""
     if HTTPChannel is not None and isinstance(getattr(transport, "producer", None), HTTPChannel):
         transport.unregisterProducer()
+
+
+class InputQueue:
+    """One reader's FIFO of ASGI events: ``put_nowait`` from the server, ``get`` as ``receive``."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: list[Any] = []
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: Any) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> Any:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None  # a cancelled get leaves any item for the next one
+        return self._items.pop(0)
 
 
 def max_pending_bytes() -> int:
@@ -166,4 +201,29 @@ def install_close_codes() -> bool:
             write_now(self.transport, text_frame(payload))
 
     WebSocketFactory.protocol = PushWebSocketProtocol
+    _small_queues_for(PushWebSocketProtocol)
     return True
+
+
+def _small_queues_for(protocol_class: type) -> None:
+    """daphne's Server.create_application, with an InputQueue for protocol_class's sockets."""
+    from daphne.server import Server
+
+    daphnes_own = Server.create_application
+
+    def create_application(self: Any, protocol: Any, scope: dict[str, Any]) -> InputQueue | None:
+        if not isinstance(protocol, protocol_class):
+            return daphnes_own(self, protocol, scope)
+        # daphne's own steps: one application per protocol, built with the
+        # queue's get as receive, run as a task the server's checker watches.
+        assert "application_instance" not in self.connections[protocol]
+        queue = InputQueue()
+        scope.setdefault("asgi", {"version": "3.0"})
+        instance = self.application(scope=scope, receive=queue.get, send=partial(self.handle_reply, protocol))
+        if protocol not in self.connections:
+            instance.close()
+            return None
+        self.connections[protocol]["application_instance"] = asyncio.ensure_future(instance)
+        return queue
+
+    Server.create_application = create_application

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from websockets.exceptions import ProtocolError
 from websockets.frames import Frame, Opcode
@@ -69,3 +71,36 @@ def test_a_producer_of_another_kind_stays_registered():
     transport.registerProducer(sender, False)
     release_http_channel(transport)
     assert transport.producer is sender
+
+
+async def test_input_queue_is_fifo_and_get_waits_for_a_put():
+    import asyncio
+
+    from pushsite.server import InputQueue
+
+    queue = InputQueue()
+    queue.put_nowait({"type": "websocket.connect"})
+    queue.put_nowait({"type": "websocket.receive", "text": "1"})
+    assert (await queue.get())["type"] == "websocket.connect"
+    assert (await queue.get())["text"] == "1"
+
+    waiting = asyncio.ensure_future(queue.get())
+    await asyncio.sleep(0)
+    assert not waiting.done(), "get waits while the queue is empty"
+    queue.put_nowait({"type": "websocket.receive", "text": "2"})
+    assert (await asyncio.wait_for(waiting, 1))["text"] == "2"
+
+
+async def test_a_cancelled_get_leaves_the_event_for_the_next_get():
+    import asyncio
+
+    from pushsite.server import InputQueue
+
+    queue = InputQueue()
+    waiting = asyncio.ensure_future(queue.get())
+    await asyncio.sleep(0)
+    queue.put_nowait({"type": "websocket.disconnect", "code": 1000})
+    waiting.cancel()  # cancelled after the put woke it, before it ran
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiting
+    assert (await asyncio.wait_for(queue.get(), 1))["type"] == "websocket.disconnect"
