@@ -229,15 +229,15 @@ def report(fanout: list[dict], latency: dict, storage: dict, smoke: bool) -> str
     lines = [
         "## Connect, memory and broadcast fan-out",
         "",
-        "| server | sockets | logins/s | KiB/socket | delivered msgs/s | x reference | lost |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| server | sockets | logins/s | KiB/socket | delivered msgs/s | x reference | server CPU µs/msg | lost |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in fanout:
         base = ref.get(row["sockets"])
         ratio = f"{row['msgs_per_s'] / base['msgs_per_s']:.2f}" if base and base["msgs_per_s"] else "-"
         lines.append(
             f"| {row['path']} | {row['sockets']} | {row['logins_per_s']} | {row['kib_per_socket']} "
-            f"| {row['msgs_per_s']} | {ratio} | {row['lost']} |"
+            f"| {row['msgs_per_s']} | {ratio} | {row['server_cpu_us_per_msg']} | {row['lost']} |"
         )
     lines += [
         "",
