@@ -110,6 +110,29 @@ def test_a_failed_store_leaves_nothing_behind(new_uid):
     assert not message_model(shard_of(uid)).objects.filter(noce_ack=good.noce_ack).exists()
 
 
+def test_one_message_is_one_insert_statement(new_uid):
+    # The single-user push skips the transaction: one INSERT, atomic by itself.
+    uid = new_uid()
+    alias = shard_alias(shard_of(uid))
+    message = NewMessage(to_uid=uid, msg_type=MsgType.USER_NOTICE, body={"n": 1})
+    with CaptureQueriesContext(connections[alias]) as queries:
+        assert messages_store(messages=[message]) == 1
+    assert [q["sql"].split()[0].upper() for q in queries] == ["INSERT"]
+    assert message_model(shard_of(uid)).objects.get(noce_ack=message.noce_ack).body == {"n": 1}
+
+
+def test_one_message_whose_noce_ack_exists_is_refused_and_the_row_stays(new_uid):
+    uid = new_uid()
+    first = NewMessage(to_uid=uid, msg_type=MsgType.USER_NOTICE, body={"first": True}, noce_ack=f"same-{uid}")
+    messages_store(messages=[first])
+    with pytest.raises(Exception):  # noqa: B017, PT011 - the backend's IntegrityError
+        messages_store(
+            messages=[NewMessage(to_uid=uid, msg_type=MsgType.USER_NOTICE, body={}, noce_ack=first.noce_ack)]
+        )
+    # A refused statement stored nothing, so nothing is undone: the first row is kept.
+    assert message_model(shard_of(uid)).objects.get(noce_ack=first.noce_ack).body == {"first": True}
+
+
 def test_mark_sent_and_ack_touch_only_the_owners_rows(new_uid):
     owner, other = new_uid(), new_uid()
     mine = NewMessage(to_uid=owner, msg_type=MsgType.USER_NOTICE, body={})
