@@ -12,7 +12,8 @@ clients in a separate process, and measures:
    path, the stock channels-redis path and a plain asyncio `websockets`
    server doing the same per-user fan-out (bench/reference.py);
 3. personal push latency, signed API call -> frame at the client, at a fixed
-   rate with storage in MariaDB on;
+   rate with storage in MariaDB on, the API answered by daphne and then by an
+   API node (uvicorn + httptools), the sockets on daphne both times;
 4. system broadcast storage: shard rows per second for 100k online users.
 
 Prints a table, writes bench/results/bench.json and bench.md, and exits
@@ -26,6 +27,7 @@ import asyncio
 import json
 import os
 import random
+import socket
 import statistics
 import subprocess
 import sys
@@ -36,7 +38,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.fanout import RESULTS, Server, django_setup, progress, raise_nofile, run_case, start_clients  # noqa: E402
+from bench.fanout import (  # noqa: E402
+    RESULTS,
+    Server,
+    cpu_seconds,
+    django_setup,
+    free_port,
+    progress,
+    raise_nofile,
+    run_case,
+    server_env,
+    start_clients,
+)
 
 BENCH_DB = "pushsite_bench"
 IN_FLIGHT = 64
@@ -61,16 +74,28 @@ def prepare_database() -> None:
 # --- 3. latency ---------------------------------------------------------------------
 
 
-def latency_case(sockets: int, rate: int, seconds: float) -> dict[str, object]:
-    """Signed API pushes to random online users at a fixed rate; latency at the client."""
+def latency_case(sockets: int, rate: int, seconds: float, api: str = "daphne") -> dict[str, object]:
+    """Signed API pushes to random online users at a fixed rate; latency at the client.
+
+    The sockets are on daphne either way; ``api`` says which server answers the
+    push API: that daphne itself, or an API node (uvicorn + httptools) beside
+    it on the same database and Redis prefix, so its publishes reach daphne's hub.
+    """
     server = Server("hub", PUSH_FRAME_RATE="1000")
+    node = ApiNode(server) if api == "uvicorn" else None
     try:
         total = int(rate * seconds)
-        progress(f"latency: {sockets} sockets, {total} pushes at {rate}/s through the API")
+        progress(f"latency ({api} API): {sockets} sockets, {total} pushes at {rate}/s through the API")
         client, pipe, uids, _ = start_clients(server, sockets, total, record_latency=True)
+        api_port = node.port if node else server.port
+        api_cpu = node.cpu if node else server.cpu
+        cpu0, api_cpu0 = server.cpu(), api_cpu()
         pipe.send("go")
-        answers = asyncio.run(_push_at_rate(server.port, uids, rate, total))
+        answers = asyncio.run(_push_at_rate(api_port, uids, rate, total))
         result = pipe.recv()
+        # Both processes' time, from the first push to the last frame at the client.
+        api_cpu_s = api_cpu() - api_cpu0
+        all_cpu_s = server.cpu() - cpu0 + (api_cpu_s if node else 0.0)
         client.join(30)
         lat = sorted(x * 1000 for x in result["latencies"])
         ok = sum(1 for status in answers if status == 200)
@@ -79,6 +104,7 @@ def latency_case(sockets: int, rate: int, seconds: float) -> dict[str, object]:
             return round(lat[min(len(lat) - 1, int(len(lat) * p))], 2) if lat else float("nan")
 
         return {
+            "api": api,
             "sockets": sockets,
             "rate": rate,
             "achieved_rate": round(achieved[-1]) if achieved else 0,
@@ -90,9 +116,45 @@ def latency_case(sockets: int, rate: int, seconds: float) -> dict[str, object]:
             "p95_ms": pct(0.95),
             "p99_ms": pct(0.99),
             "mean_ms": round(statistics.fmean(lat), 2) if lat else float("nan"),
+            # CPU of the process answering the API, and of every server process
+            # (with daphne answering, the two are the same process).
+            "api_cpu_ms_per_push": round(api_cpu_s * 1000 / total, 2),
+            "server_cpu_ms_per_push": round(all_cpu_s * 1000 / total, 2),
         }
     finally:
+        if node:
+            node.stop()
         server.stop()
+
+
+class ApiNode:
+    """An API node beside ``server``: uvicorn + httptools, HTTP only, the same environment and Redis prefix."""
+
+    def __init__(self, server: Server) -> None:
+        self.port = free_port()
+        self.log = open(RESULTS / "server-api.log", "wb")  # noqa: SIM115 - closed in stop()
+        env = {**server_env(server.kind, server.prefix), "PUSH_FRAME_RATE": "1000"}
+        args = [str(ROOT / ".venv/bin/uvicorn"), "pushsite.asgi:application", "--ws", "none", "--http", "httptools",
+                "--lifespan", "off", "--no-access-log", "--host", "127.0.0.1", "--port", str(self.port)]  # fmt: skip
+        self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        for _ in range(200):
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("API node did not start")
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.proc.pid)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
 
 
 async def _push_at_rate(port: int, uids: list[int], rate: int, total: int) -> list[int]:
@@ -224,7 +286,7 @@ def storage_case(users: int, batch: int) -> dict[str, object]:
 # --- report -------------------------------------------------------------------------
 
 
-def report(fanout: list[dict], latency: dict, storage: dict, smoke: bool) -> str:
+def report(fanout: list[dict], latency: list[dict], storage: dict, smoke: bool) -> str:
     ref = {row["sockets"]: row for row in fanout if row["path"] == "reference"}
     lines = [
         "## Connect, memory and broadcast fan-out",
@@ -243,11 +305,20 @@ def report(fanout: list[dict], latency: dict, storage: dict, smoke: bool) -> str
         "",
         "## Personal push latency (signed API -> frame at the client, storage on)",
         "",
-        "| sockets | pushes/s asked | achieved | pushes | 2xx | received | p50 ms | p95 ms | p99 ms |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| {latency['sockets']} | {latency['rate']} | {latency['achieved_rate']} | {latency['pushes']} "
-        f"| {latency['api_2xx']} "
-        f"| {latency['received']} | {latency['p50_ms']} | {latency['p95_ms']} | {latency['p99_ms']} |",
+        "Sockets on daphne in both rows; the API answered by that daphne or by an API node"
+        " (uvicorn + httptools). CPU per push: the process answering the API / every server process.",
+        "",
+        "| API server | sockets | pushes/s asked | achieved | pushes | 2xx | received | p50 ms | p95 ms | p99 ms "
+        "| API CPU ms/push | server CPU ms/push |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {row['api']} | {row['sockets']} | {row['rate']} | {row['achieved_rate']} | {row['pushes']} "
+        f"| {row['api_2xx']} | {row['received']} | {row['p50_ms']} | {row['p95_ms']} | {row['p99_ms']} "
+        f"| {row['api_cpu_ms_per_push']} | {row['server_cpu_ms_per_push']} |"
+        for row in latency
+    ]
+    lines += [
         "",
         "## System broadcast storage",
         "",
@@ -290,8 +361,10 @@ def main() -> int:
             row = run_case(path, sockets, broadcasts)
             fanout.append(row)
             progress(f"{path} {sockets}: {row['msgs_per_s']} msgs/s, {row['kib_per_socket']} KiB/socket")
-    latency = latency_case(min(args.sizes[0], 1000), args.rate, 4 if args.smoke else 10)
-    progress(f"latency: p50 {latency['p50_ms']} ms, p99 {latency['p99_ms']} ms")
+    latency = []
+    for api in ("daphne", "uvicorn"):
+        latency.append(latency_case(min(args.sizes[0], 1000), args.rate, 4 if args.smoke else 10, api))
+        progress(f"latency ({api} API): p50 {latency[-1]['p50_ms']} ms, p99 {latency[-1]['p99_ms']} ms")
     storage = storage_case(args.storage_users, 5000 if not args.smoke else 100)
     progress(f"storage: {storage['rows_per_s']} rows/s")
 
@@ -307,10 +380,11 @@ def main() -> int:
     print(f"total {time.monotonic() - started:.0f} s")
     # Both ways are failures: frames missing, or frames delivered twice.
     wrong = [row for row in fanout if row["path"] != "layer" and row["lost"] != 0]
-    if wrong or latency["lost"] != 0 or storage["rows"] != args.storage_users:
+    latency_lost = [(row["api"], row["lost"]) for row in latency if row["lost"] != 0]
+    if wrong or latency_lost or storage["rows"] != args.storage_users:
         print(
             f"FAILED: fan-out off by {[(r['path'], r['sockets'], r['lost']) for r in wrong]}, "
-            f"latency off by {latency['lost']}, {storage['rows']} of {args.storage_users} rows stored",
+            f"latency off by {latency_lost}, {storage['rows']} of {args.storage_users} rows stored",
             file=sys.stderr,
         )
         return 1
