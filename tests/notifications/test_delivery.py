@@ -223,3 +223,27 @@ async def test_job_run_again_stores_no_duplicate(api, connect, verifier, setting
     for uid in uids:
         assert len(await rows(uid)) == 1
     assert (await job_state(job.id)).stored == 4
+
+
+async def test_a_publish_larger_than_a_bus_chunk_reaches_only_the_online_sockets(connect, verifier, rows, new_uid):
+    # A job's batch is one group of thousands of users, published a bus chunk
+    # per presence script call: online users in the first and the last chunk
+    # get their frame once, offline ones nothing, and the count is the online.
+    from notifications.publish import BUS_CHUNK, publish_stored
+    from notifications.store import NewMessage, messages_store_batch
+
+    first, last, bystander = new_uid(), new_uid(), new_uid()
+    socks = [await logged_in(connect, uid) for uid in (first, last, bystander)]
+    offline = [new_uid() for _ in range(2 * BUS_CHUNK + 100)]
+    body = {"notice": "big"}
+    messages = [
+        NewMessage(to_uid=uid, msg_type=MsgType.SYSTEM_NOTICE, body=body, noce_ack=f"big-{uid}")
+        for uid in [first, *offline, last]
+    ]
+    await database_sync_to_async(messages_store_batch)(messages=messages)
+    assert await database_sync_to_async(publish_stored)(messages=messages) == 2
+    for uid, sock in zip((first, last), socks[:2], strict=True):
+        frame = await sock.recv()
+        assert frame["noce_ack"] == f"big-{uid}" and frame["body"] == {"to_uid": uid, "notice": "big"}
+        assert await sock.nothing()
+    assert await socks[2].nothing()
