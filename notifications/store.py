@@ -266,16 +266,20 @@ def messages_store_batch(*, messages: list[NewMessage]) -> int:
         for alias, shards in by_alias.items():
             transactions.enter_context(transaction.atomic(using=alias))
             connection = connections[alias]
+            tails: dict[tuple[int, int, int], bytes] = {}  # escaped once per batch, see _insert_ignore_mysql
             with connection.cursor() as cursor:
                 for shard in shards:
-                    sql, params = _insert_ignore(connection, message_model(shard), by_shard[shard], now)
-                    # mysqlclient folds executemany of a plain INSERT ... VALUES (%s, ...)
-                    # into multi-row statements; rowcount leaves out the rows ignored.
+                    model = message_model(shard)
+                    if connection.vendor == "mysql":
+                        written += _insert_ignore_mysql(connection, cursor, model, by_shard[shard], now, tails)
+                        continue
+                    sql, params = _insert_ignore(connection, model, by_shard[shard], now)
                     cursor.executemany(sql, params)
-                    written += cursor.rowcount
+                    written += cursor.rowcount  # the rows ignored are not counted
     return written
 
 
+# noce_ack and to_uid first: they are the only values that differ between the rows of a job's batch.
 _BATCH_FIELDS = ("noce_ack", "to_uid", "from_uid", "msg_type", "body", "client_type", "is_sent", "is_read")
 
 
@@ -308,3 +312,57 @@ def _insert_ignore(connection: Any, model: Any, messages: list[NewMessage], now:
             body = bodies[id(m.body)] = body_field.get_db_prep_save(m.body, connection)
         params.append((m.noce_ack, m.to_uid, m.from_uid, int(m.msg_type), body, *defaults, stamp, stamp))
     return sql, params
+
+
+# The longest multi-row INSERT written: what mysqlclient's executemany folds
+# rows into (MySQLdb.cursors.BaseCursor.max_stmt_length), far below MariaDB's
+# max_allowed_packet.
+_MAX_STATEMENT = 64 * 1024
+
+
+def _insert_ignore_mysql(
+    connection: Any, cursor: Any, model: Any, messages: list[NewMessage], now: Any, tails: dict
+) -> int:
+    """INSERT IGNORE messages into one shard table on MariaDB/MySQL; returns rows written.
+
+    The statement is written out with the values already escaped, as
+    executemany would, but the values every row of a job's batch shares
+    (sender, type, body, flags, times) are escaped once, into ``tails``, which
+    the caller keeps for one batch; per row only noce_ack and to_uid are. Escaping
+    ten values per row was a sixth of a broadcast's time (bench/README.md,
+    storage). Each value still goes through the connection's own ``literal``,
+    so the rows read byte for byte as executemany writes them.
+    """
+    meta = model._meta
+    fields = [meta.get_field(name) for name in (*_BATCH_FIELDS, "create_time", "update_time")]
+    ops = connection.ops
+    head = "{insert} {table} ({columns}) VALUES ".format(
+        insert=ops.insert_statement(on_conflict=OnConflict.IGNORE),
+        table=ops.quote_name(meta.db_table),
+        columns=", ".join(ops.quote_name(f.column) for f in fields),
+    ).encode()
+    literal = connection.connection.literal
+    rows = []
+    for m in messages:
+        key = (int(m.msg_type), m.from_uid, id(m.body))  # the body objects live as long as the batch
+        tail = tails.get(key)
+        if tail is None:
+            shared = (
+                m.from_uid,
+                int(m.msg_type),
+                fields[4].get_db_prep_save(m.body, connection),
+                *(f.get_db_prep_save(f.get_default(), connection) for f in fields[5:8]),  # client_type .. is_read
+                *(f.get_db_prep_save(now, connection) for f in fields[8:]),
+            )
+            tail = tails[key] = b"".join(b", " + literal(value) for value in shared) + b")"
+        rows.append(b"(" + literal(m.noce_ack) + b", %d" % m.to_uid + tail)
+    written = 0
+    start, size = 0, len(head)
+    for end, row in enumerate(rows):
+        if end > start and size + len(row) + 1 > _MAX_STATEMENT:
+            cursor.execute(head + b",".join(rows[start:end]))
+            written += cursor.rowcount
+            start, size = end, len(head)
+        size += len(row) + 1
+    cursor.execute(head + b",".join(rows[start:]))
+    return written + cursor.rowcount

@@ -217,3 +217,54 @@ def test_still_unread_of_type_reads_each_shard_database_once(new_uid):
         found = still_unread_of_type(uids=uids, msg_type=int(MsgType.SYSTEM_NOTICE), excluding_prefix=run)
     assert found == waiting - set(read)
     assert {alias: len(queries) for alias, queries in captured.items()} == dict.fromkeys(aliases, 1)
+
+
+def _raw(uid: int, noce_ack: str) -> tuple[str, str]:
+    """The stored noce_ack and body text of one row, as the database holds them."""
+    model = message_model(shard_of(uid))
+    connection = connections[shard_alias(shard_of(uid))]
+    qn = connection.ops.quote_name
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT {qn('noce_ack')}, {qn('body')} FROM {qn(model._meta.db_table)} WHERE {qn('noce_ack')} = %s",
+            [noce_ack],
+        )
+        return cursor.fetchone()
+
+
+def test_a_job_batch_keeps_quotes_backslashes_and_unicode_byte_for_byte(new_uid):
+    # On MariaDB the values a batch shares are escaped once and put into the
+    # statement's text: what is stored must be what the field prepared.
+    base = new_uid() * 1000
+    body = {"text": 'it\'s "quoted" \\ back\\slash %s %% ; -- é ü 中文 🙂 \x00 end', "n": [1, None, True]}
+    messages = [
+        NewMessage(to_uid=base + n, msg_type=MsgType.SYSTEM_NOTICE, body=body, from_uid=7, noce_ack=f"q'\\\"{base + n}")
+        for n in range(200)
+    ]
+    assert messages_store_batch(messages=messages) == 200
+    field = message_model(0)._meta.get_field("body")
+    for m in messages[::37]:
+        text = field.get_db_prep_save(body, connections[shard_alias(shard_of(m.to_uid))])
+        assert _raw(m.to_uid, m.noce_ack) == (m.noce_ack, text)
+        row = message_model(shard_of(m.to_uid)).objects.get(noce_ack=m.noce_ack)
+        assert (row.to_uid, row.from_uid, row.body) == (m.to_uid, 7, body)
+
+
+def test_a_job_batch_too_long_for_one_statement_is_split_and_counted(new_uid):
+    # A large body: the rows of one shard table need several INSERTs on
+    # MariaDB, and the count still says how many rows were new.
+    base, prefix = new_uid() * 1000 * SHARD_COUNT, f"long{new_uid()}"
+    body = {"text": "x" * 20_000}
+    uids = [base + SHARD_COUNT * n for n in range(9)]  # one shard table
+    messages = [
+        NewMessage(to_uid=uid, msg_type=MsgType.SYSTEM_NOTICE, body=body, noce_ack=f"{prefix}-{uid}") for uid in uids
+    ]
+    connection = connections[shard_alias(shard_of(base))]
+    with CaptureQueriesContext(connection) as queries:
+        assert messages_store_batch(messages=messages[:4]) == 4
+    if connection.vendor == "mysql":
+        assert sum(q["sql"].startswith("INSERT") for q in queries) == 2
+    assert messages_store_batch(messages=messages) == 5
+    assert messages_store_batch(messages=messages) == 0
+    assert _job_rows(uids, prefix) == Counter(dict.fromkeys(uids, 1))
+    assert message_model(shard_of(base)).objects.get(noce_ack=f"{prefix}-{uids[8]}").body == body
