@@ -1,4 +1,4 @@
-"""Real server processes for tests: daphne nodes and Celery workers.
+"""Real server processes for tests: daphne nodes, API nodes and Celery workers.
 
 Each process gets the environment of the test's own configuration: the test
 database pytest-django created (so rows written by the process are visible to
@@ -188,6 +188,18 @@ def daphne(name: str = "daphne", **env: Any) -> ServerProcess:
         server_env(**env),
         port=port,
     )
+
+
+def api_node(name: str = "api", **env: Any) -> ServerProcess:
+    """An API node: uvicorn + httptools, HTTP only, as deploy/systemd/pushsite-api@.service runs it."""
+    port = free_port()
+    return ServerProcess(
+        name,
+        [str(BIN / "uvicorn"), "pushsite.asgi:application", "--ws", "none", "--http", "httptools",
+         "--lifespan", "off", "--no-access-log", "--host", "127.0.0.1", "--port", str(port)],
+        server_env(**env),
+        port=port,
+    )  # fmt: skip
 
 
 class WorkerProcess(ServerProcess):

@@ -1,7 +1,8 @@
-"""Two daphne nodes behind the shipped nginx site, over wss with a self-signed certificate.
+"""Two daphne nodes and an API node behind the shipped nginx site, over wss with a self-signed certificate.
 
-Delivery crosses nodes, and when one node is killed its relation rows are
-cleared by the survivor and its clients reconnect through nginx to the other.
+The push API goes through nginx's /api/ to the API node (uvicorn). Delivery
+crosses nodes, and when one node is killed its relation rows are cleared by
+the survivor and its clients reconnect through nginx to the other.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from django.conf import settings
 
 from connections.models import Connection
 from notifications.client import PushClient
-from tests.servers import ROOT, ServerProcess, daphne, free_port
+from tests.servers import ROOT, ServerProcess, api_node, daphne, free_port
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -54,17 +55,19 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-def site_config(nodes: list[int], https_port: int, http_port: int, cert: Path, key: Path) -> str:
+def site_config(nodes: list[int], api_nodes: list[int], https_port: int, http_port: int, cert: Path, key: Path) -> str:
     """The shipped site with this test's ports, certificate and no IPv6."""
     site = (ROOT / "deploy/nginx/pushsite.conf").read_text()
     servers = "\n".join(f"    server 127.0.0.1:{port} max_fails=1 fail_timeout=10s;" for port in nodes)
     site = re.sub(r"(upstream pushsite_nodes \{\n    ip_hash;\n)(?:    server .*\n)+", rf"\g<1>{servers}\n", site)
+    servers = "\n".join(f"    server 127.0.0.1:{port} max_fails=1 fail_timeout=10s;" for port in api_nodes)
+    site = re.sub(r"(upstream pushsite_api \{\n)(?:    server .*\n)+", rf"\g<1>{servers}\n", site)
     site = re.sub(r"\n\s*listen \[::\]:\d+[^;]*;", "", site)
     site = site.replace("listen 443 ssl", f"listen 127.0.0.1:{https_port} ssl").replace(
         "listen 80;", f"listen 127.0.0.1:{http_port};"
     )
     site = site.replace("/etc/ssl/pushsite/fullchain.pem", str(cert)).replace("/etc/ssl/pushsite/privkey.pem", str(key))
-    assert f"server 127.0.0.1:{nodes[1]}" in site and str(cert) in site
+    assert f"server 127.0.0.1:{nodes[1]}" in site and f"server 127.0.0.1:{api_nodes[0]}" in site and str(cert) in site
     return site
 
 
@@ -104,17 +107,21 @@ def cluster(verifier):
     cert, key = self_signed(work)
     env = {"PUSH_JOBS": "inline", "PUSH_NODE_HEARTBEAT": 1, "PUSH_NODE_DEAD_AFTER": 3}
     nodes = [daphne("node-a", PUSH_NODE_ID="node-a", **env), daphne("node-b", PUSH_NODE_ID="node-b", **env)]
+    api = api_node("api", PUSH_NODE_ID="api", **env)
     https_port, http_port = free_port(), free_port()
     nginx = None
     try:
         for node in nodes:
             node.start()
-        nginx = start_nginx(work, site_config([n.port for n in nodes], https_port, http_port, cert, key), https_port)
+        api.start()
+        site = site_config([n.port for n in nodes], [api.port], https_port, http_port, cert, key)
+        nginx = start_nginx(work, site, https_port)
         tls = ssl.create_default_context(cafile=str(cert))
         yield {"nodes": nodes, "port": https_port, "tls": tls}
     finally:
         if nginx is not None:
             nginx.stop()
+        api.stop()
         for node in nodes:
             node.stop()
         shutil.rmtree(work, ignore_errors=True)
