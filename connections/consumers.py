@@ -19,6 +19,7 @@ and tests/faults/test_redis_restart.py.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -75,6 +76,19 @@ class PushConsumer(AsyncConsumer):
         self._replay_until = 0.0
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        try:
+            await self._run(scope, receive, send)
+        except asyncio.CancelledError:
+            # daphne cancels an application still running 10 s after its
+            # socket closed (e.g. a login stuck on a loaded database): no
+            # disconnect handler will run, so leave the hub now; the node
+            # loop removes the relation row no open socket owns.
+            self.closed = True
+            if self.hub is not None:
+                self.hub.abandon(self)
+            raise
+
+    async def _run(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if self.layer_fanout:
             await super().__call__(scope, receive, send)
             return

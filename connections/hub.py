@@ -32,7 +32,7 @@ from django.conf import settings
 
 from pushsite.errors import BackendUnavailable
 
-from . import bridge, bus, services
+from . import bridge, bus, selectors, services
 from .protocol import CloseCode, MsgType, PushTemplate
 
 if TYPE_CHECKING:
@@ -228,9 +228,35 @@ class Hub:
                     except BackendUnavailable:
                         self._pending_closes.extend(pending[index:])
                         break
+                await self._clear_orphans()
             except BackendUnavailable as error:
                 log.warning("node housekeeping failed: %s", error)
             await asyncio.sleep(settings.PUSH_NODE_HEARTBEAT)
+
+    async def _clear_orphans(self) -> None:
+        """Remove this node's relation rows that no open socket owns.
+
+        A socket's own disconnect handler removes its row. One that never
+        runs it - daphne cancels an application still busy 10 s after its
+        socket closed, say a login waiting on a loaded database - would leave
+        the row (and its presence entry) for good while the node lives. Rows
+        are read first and compared with the sockets open after the read:
+        a socket that logged in before the read is in ``sockets`` unless it
+        has left, so no live session's row is touched.
+        """
+        rows = await self._db(selectors.node_connections, node=self.node)
+        orphans = [(uid, conn_id) for uid, conn_id in rows if conn_id not in self.sockets]
+        for uid, conn_id in orphans:
+            await self._db(services.connection_close, uid=uid, conn_id=conn_id)
+        if orphans:
+            log.warning("cleared %d relation rows no open socket of this node owned", len(orphans))
+
+    def abandon(self, consumer: PushConsumer) -> None:
+        """Forget a consumer that was cancelled; its row goes with the next orphan sweep."""
+        if self.sockets.get(consumer.conn_id or "") is consumer:
+            del self.sockets[consumer.conn_id or ""]
+        if consumer.uid:
+            self.leave(consumer.uid, consumer)
 
     async def _flush_sent_loop(self) -> None:
         while True:

@@ -29,6 +29,11 @@ def online_uid_batches(*, batch_size: int, after: int = 0) -> Iterator[tuple[int
         yield cursor, fresh
 
 
+def node_connections(*, node: str) -> list[tuple[int, str]]:
+    """(uid, conn_id) of every relation row of one node, online or offline."""
+    return list(Connection.objects.filter(node=node).values_list("uid", "conn_id"))
+
+
 def online_counts() -> dict[str, dict[str, int]]:
     """Per node: distinct online users and sockets (online and offline rows)."""
     from django.db.models import Count, Q

@@ -111,10 +111,10 @@ def server_base(django_db_setup, verify_server, tmp_path_factory) -> dict[str, A
 @pytest.fixture(scope="module")
 def start_daphne(server_base) -> Iterator[Callable[..., Daphne]]:
     """Start a daphne process, once per distinct settings; all are stopped at module end."""
-    servers: dict[tuple[tuple[str, str], ...], Daphne] = {}
+    servers: dict[tuple[Any, ...], Daphne] = {}
 
-    def _start(**settings: str) -> Daphne:
-        key = tuple(sorted(settings.items()))
+    def _start(*daphne_args: str, **settings: str) -> Daphne:
+        key = (*daphne_args, *sorted(settings.items()))
         running = servers.get(key)
         if running is not None and running.process.proc is not None and running.process.proc.poll() is None:
             return running
@@ -124,7 +124,10 @@ def start_daphne(server_base) -> Iterator[Callable[..., Daphne]]:
         for attempt in range(3):
             port = free_port()
             process = ServerProcess(
-                node, [str(BIN / "daphne"), "-b", "127.0.0.1", "-p", str(port), "pushsite.asgi:application"], env, port
+                node,
+                [str(BIN / "daphne"), *daphne_args, "-b", "127.0.0.1", "-p", str(port), "pushsite.asgi:application"],
+                env,
+                port,
             )
             try:
                 process.start()
@@ -507,3 +510,38 @@ async def test_pushed_frames_of_each_length_class_arrive_whole(daphne, ws_connec
     assert frame["noce_ack"] == pushed.noce_acks[uid]
     assert frame["body"] == {"to_uid": uid, "text": text}
     assert (await client.request("heartbeat"))["uid"] == uid, "the stream stays in step after the frame"
+
+
+@needs_real
+async def test_a_login_cancelled_after_its_socket_closed_leaves_no_row_and_no_socket(start_daphne, ws_connect, new_uid):
+    # daphne cancels an application still running a second (here) after its socket
+    # closed. A login stuck on the database then never reaches its disconnect
+    # handler: the hub must forget the socket, and the node loop remove the row
+    # the login wrote once the database let it through.
+    import MySQLdb
+    from django.db import connection
+
+    server = start_daphne("--application-close-timeout", "1", PUSH_NODE_HEARTBEAT="1", PUSH_MAX_CONNECTIONS="1")
+    db = connection.settings_dict
+    locker = MySQLdb.connect(
+        host=db["HOST"], port=int(db["PORT"] or 3306), user=db["USER"], password=db["PASSWORD"], database=db["NAME"]
+    )
+    uid = new_uid()
+    try:
+        locker.cursor().execute("LOCK TABLES push_user_connection WRITE")
+        stuck = await ws_connect(server)
+        await stuck.send("login", {"ukey": f"key-{uid}"})
+        await asyncio.sleep(1.0)  # the login is waiting on the lock
+        await stuck.ws.close()
+        await asyncio.sleep(3.0)  # past the close timeout: daphne has cancelled it
+    finally:
+        locker.cursor().execute("UNLOCK TABLES")
+        locker.close()
+
+    async def row_and_presence_gone() -> bool:
+        return await server.relation_rows(uid) == [] and not server.presence(uid)
+
+    assert await eventually(row_and_presence_gone, timeout=20), await server.relation_rows(uid)
+    # PUSH_MAX_CONNECTIONS=1: had the hub kept the cancelled socket, this one would be refused as "server full".
+    other = await ws_connect(server)
+    assert (await other.login(f"key-{new_uid()}"))["code"] == 200
