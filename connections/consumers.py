@@ -9,7 +9,8 @@ Invariants:
 * after disconnect the socket is in no hub index, no group and no relation row;
 * every refused frame gets one ERROR reply with the contract's code; only an
   idle timeout, a full server or a kick closes the socket;
-* messages replayed at login and pushed live meanwhile reach the socket once;
+* a message replayed at login reaches the socket once, however early or late
+  its live publish arrives (a later publish of it, an admin resend, goes through);
 * a relation clean-up deferred by an outage never touches a later login of
   the same socket (the socket continues under a new conn_id).
 
@@ -51,9 +52,6 @@ from .protocol import (
 
 log = logging.getLogger(__name__)
 
-# How long acks replayed at login are remembered to drop a live duplicate.
-REPLAY_DEDUPE_SECONDS = 10.0
-
 
 class PushConsumer(AsyncConsumer):
     """One client socket: anonymous until ``login``, then a user's socket."""
@@ -72,8 +70,10 @@ class PushConsumer(AsyncConsumer):
         self.last_active = 0.0
         self._tokens = float(settings.PUSH_FRAME_BURST)
         self._refilled = 0.0
+        # Acks written at login that may still arrive live; while the login is
+        # in progress (``_replaying``) also the acks written live meanwhile.
         self._replayed: set[str] | None = None
-        self._replay_until = 0.0
+        self._replaying = False
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         try:
@@ -161,13 +161,17 @@ class PushConsumer(AsyncConsumer):
         """Write one pushed notification (hub path); False if it was not written."""
         if self.closed:
             return False
-        if self._replayed is not None:
-            if now > self._replay_until:
-                self._replayed = None  # an idle socket would keep it for its lifetime
-            elif noce_ack in self._replayed:
+        replayed = self._replayed
+        if replayed is not None:
+            if noce_ack in replayed:
+                if not self._replaying:
+                    # Its one live duplicate: a later publish (an admin resend) goes through.
+                    replayed.discard(noce_ack)
+                    if not replayed:
+                        self._replayed = None
                 return False
-            else:
-                self._replayed.add(noce_ack)
+            if self._replaying:
+                replayed.add(noce_ack)
         self.last_active = now
         await self.base_send({"type": "websocket.send", "text": text})
         return True
@@ -192,8 +196,6 @@ class PushConsumer(AsyncConsumer):
             seq = seq_of(message.get("text"), max_bytes=settings.PUSH_MAX_FRAME_BYTES)
             await self.send_frame(MsgType.ERROR, code=Code.TOO_MANY, msg="too many frames; slow down", seq=seq)
             return
-        if self._replayed is not None and now > self._replay_until:
-            self._replayed = None
         frame = parse_frame(message.get("text"), max_bytes=settings.PUSH_MAX_FRAME_BYTES)
         if isinstance(frame, FrameError):
             await self.send_frame(MsgType.ERROR, code=frame.code, msg=frame.msg, seq=frame.seq)
@@ -255,7 +257,7 @@ class PushConsumer(AsyncConsumer):
         # Join before reading what is unsent: a push that lands in between
         # arrives live and is then skipped by the replay, never missed.
         self._replayed = set()
-        self._replay_until = self.hub.loop.time() + REPLAY_DEDUPE_SECONDS
+        self._replaying = True
         self.uid = self._row_uid = uid
         self.hub.join(uid, self)
         try:
@@ -282,9 +284,17 @@ class PushConsumer(AsyncConsumer):
     async def _replay(self, messages: list[notification_selectors.Unsent]) -> None:
         assert self.hub is not None
         now = self.hub.loop.time()
+        written: set[str] = set()
         for message in messages:
             if await self.push_text(message.frame, message.noce_ack, now):
+                written.add(message.noce_ack)
                 self.hub.record_sent(self.uid, message.noce_ack)
+        # A replayed message's live publish can trail its store by seconds on a
+        # loaded node (the API stores, then publishes): remember what the
+        # replay wrote, and only that, until its duplicate shows up. At most
+        # PUSH_LOGIN_REPLAY_LIMIT acks, and none for a user with nothing unsent.
+        self._replaying = False
+        self._replayed = written or None
 
     async def action_logout(self, frame: ClientFrame) -> None:
         if await self._refuse_anonymous(frame):
@@ -312,7 +322,7 @@ class PushConsumer(AsyncConsumer):
     async def _leave_session(self, *, closing: bool) -> None:
         """Leave the user's delivery; mark the relation offline (logout) or delete it (close)."""
         uid, self.uid = self.uid, 0
-        self._replayed = None
+        self._replayed, self._replaying = None, False
         if self.hub is None or self.conn_id is None:
             return
         if uid:
