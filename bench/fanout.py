@@ -102,7 +102,11 @@ async def _client(
         for attempt in range(4):
             try:
                 return await websockets.connect(
-                    f"ws://127.0.0.1:{port}/ws/push/", compression=None, max_queue=None, open_timeout=60
+                    f"ws://127.0.0.1:{port}/ws/push/",
+                    compression=None,
+                    max_queue=None,
+                    open_timeout=60,
+                    ping_interval=None,  # one client process for thousands of sockets: its own pings would time out
                 )
             except (OSError, TimeoutError, websockets.InvalidHandshake):
                 if attempt == 3:
