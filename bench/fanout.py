@@ -287,9 +287,11 @@ def django_setup(server: Server | None = None) -> None:
         settings.PUSH_REDIS_PREFIX = server.prefix
 
 
-def start_clients(server: Server, sockets: int, expected: int, record_latency: bool = False):
+def start_clients(
+    server: Server, sockets: int, expected: int, record_latency: bool = False, uid_base: int = 10_000_000
+):
     """Open and log in the clients in their own process; returns (process, pipe, hello)."""
-    uids = list(range(10_000_000, 10_000_000 + sockets))
+    uids = list(range(uid_base, uid_base + sockets))
     parent, child = mp.Pipe()
     client = mp.Process(target=client_main, args=(server.port, uids, expected, child, record_latency))
     client.start()
