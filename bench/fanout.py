@@ -267,12 +267,17 @@ class Server:
             await ws.recv()
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
+        stop_process(self.proc, self.log)
+
+
+def stop_process(proc: subprocess.Popen, log: Any) -> None:
+    """SIGTERM, then SIGKILL after 10 s; close its log."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
 
 
 def django_setup(server: Server | None = None) -> None:

@@ -49,6 +49,7 @@ from bench.fanout import (  # noqa: E402
     run_case,
     server_env,
     start_clients,
+    stop_process,
 )
 
 BENCH_DB = "pushsite_bench"
@@ -153,12 +154,7 @@ class ApiNode:
         return cpu_seconds(self.proc.pid)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
+        stop_process(self.proc, self.log)
 
 
 async def _push_at_rate(port: int, uids: list[int], rate: int, total: int) -> list[int]:

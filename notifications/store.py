@@ -283,6 +283,16 @@ def messages_store_batch(*, messages: list[NewMessage]) -> int:
 _BATCH_FIELDS = ("noce_ack", "to_uid", "from_uid", "msg_type", "body", "client_type", "is_sent", "is_read")
 
 
+def _insert_ignore_into(connection: Any, model: Any) -> tuple[list[Any], str]:
+    """The fields a batch writes, and ``INSERT IGNORE INTO <table> (<columns>)`` for them."""
+    meta = model._meta
+    fields = [meta.get_field(name) for name in (*_BATCH_FIELDS, "create_time", "update_time")]
+    ops = connection.ops
+    columns = ", ".join(ops.quote_name(f.column) for f in fields)
+    insert = ops.insert_statement(on_conflict=OnConflict.IGNORE)
+    return fields, f"{insert} {ops.quote_name(meta.db_table)} ({columns})"
+
+
 def _insert_ignore(connection: Any, model: Any, messages: list[NewMessage], now: Any) -> tuple[str, list[tuple]]:
     """The ``INSERT IGNORE ... VALUES (%s, ...)`` of one shard table, and its rows.
 
@@ -292,15 +302,10 @@ def _insert_ignore(connection: Any, model: Any, messages: list[NewMessage], now:
     wrote. Values shared by the rows are prepared once, by their fields.
     """
     meta = model._meta
-    fields = [meta.get_field(name) for name in (*_BATCH_FIELDS, "create_time", "update_time")]
-    ops = connection.ops
-    sql = "{insert} {table} ({columns}) VALUES ({values}) {suffix}".format(
-        insert=ops.insert_statement(on_conflict=OnConflict.IGNORE),
-        table=ops.quote_name(meta.db_table),
-        columns=", ".join(ops.quote_name(f.column) for f in fields),
-        values=", ".join(["%s"] * len(fields)),
-        suffix=ops.on_conflict_suffix_sql(fields, OnConflict.IGNORE, None, None),
-    )
+    fields, insert_into = _insert_ignore_into(connection, model)
+    values = ", ".join(["%s"] * len(fields))
+    suffix = connection.ops.on_conflict_suffix_sql(fields, OnConflict.IGNORE, None, None)
+    sql = f"{insert_into} VALUES ({values}) {suffix}"
     defaults = tuple(f.get_db_prep_save(f.get_default(), connection) for f in fields[5:8])  # client_type .. is_read
     stamp = meta.get_field("create_time").get_db_prep_save(now, connection)
     body_field = meta.get_field("body")
@@ -333,14 +338,8 @@ def _insert_ignore_mysql(
     storage). Each value still goes through the connection's own ``literal``,
     so the rows read byte for byte as executemany writes them.
     """
-    meta = model._meta
-    fields = [meta.get_field(name) for name in (*_BATCH_FIELDS, "create_time", "update_time")]
-    ops = connection.ops
-    head = "{insert} {table} ({columns}) VALUES ".format(
-        insert=ops.insert_statement(on_conflict=OnConflict.IGNORE),
-        table=ops.quote_name(meta.db_table),
-        columns=", ".join(ops.quote_name(f.column) for f in fields),
-    ).encode()
+    fields, insert_into = _insert_ignore_into(connection, model)
+    head = f"{insert_into} VALUES ".encode()
     literal = connection.connection.literal
     rows = []
     for m in messages:
