@@ -14,7 +14,9 @@ tests/e2e/test_demo_browser.py).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -25,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import websockets
 from django.conf import settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -248,3 +251,12 @@ def celery_beat(name: str = "beat", **env: Any) -> BeatProcess:
         ],
         server_env(**env),
     )
+
+
+async def open_socket(node: Any, uid: int) -> Any:
+    """A real WebSocket to a running node, logged in as uid through the test verifier."""
+    ws = await websockets.connect(f"ws://127.0.0.1:{node.port}/ws/push/")
+    await ws.send(json.dumps({"action": "login", "body": {"ukey": f"key-{uid}"}, "seq": 1}))
+    reply = json.loads(await asyncio.wait_for(ws.recv(), 5))
+    assert reply["code"] == 200, reply
+    return ws

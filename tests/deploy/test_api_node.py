@@ -25,7 +25,7 @@ from django.conf import settings
 from notifications.client import PushClient, PushError
 from notifications.sharding import model_for_uid
 from notifications.signing import signed_headers
-from tests.servers import api_node, daphne
+from tests.servers import api_node, daphne, open_socket
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -46,14 +46,6 @@ def nodes(verifier):
     finally:
         api.stop()
         ws_node.stop()
-
-
-async def open_socket(node, uid: int) -> Any:
-    ws = await websockets.connect(f"ws://127.0.0.1:{node.port}/ws/push/")
-    await ws.send(json.dumps({"action": "login", "body": {"ukey": f"key-{uid}"}, "seq": 1}))
-    reply = json.loads(await asyncio.wait_for(ws.recv(), 5))
-    assert reply["code"] == 200, reply
-    return ws
 
 
 def post(port: int, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:

@@ -8,7 +8,6 @@ import uuid
 from typing import Any
 
 import pytest
-import websockets
 from channels.db import database_sync_to_async
 from django.conf import settings
 
@@ -17,21 +16,13 @@ from connections.protocol import MsgType
 from notifications.client import PushClient
 from notifications.models import ScheduleRun
 from notifications.store import NewMessage, messages_store
-from tests.servers import celery_beat, celery_worker, daphne
+from tests.servers import celery_beat, celery_worker, daphne, open_socket
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
     pytest.mark.slow,
     pytest.mark.skipif(not settings.REDIS_URL, reason="processes share a bus only through Redis"),
 ]
-
-
-async def open_socket(node, uid: int) -> Any:
-    ws = await websockets.connect(f"ws://127.0.0.1:{node.port}/ws/push/")
-    await ws.send(json.dumps({"action": "login", "body": {"ukey": f"key-{uid}"}, "seq": 1}))
-    reply = json.loads(await asyncio.wait_for(ws.recv(), 5))
-    assert reply["code"] == 200, reply
-    return ws
 
 
 async def next_frame(ws, timeout: float = 5) -> dict[str, Any]:
