@@ -64,6 +64,29 @@ def test_init_push_tables_recreates_a_missing_table(capsys):
                 editor.create_model(model)
 
 
+def _index_names(shard: int) -> set[str]:
+    connection = connections[shard_alias(shard)]
+    with connection.cursor() as cursor:
+        constraints = connection.introspection.get_constraints(cursor, message_model(shard)._meta.db_table)
+    return {name for name, info in constraints.items() if info["index"] and not info["primary_key"]}
+
+
+@pytest.mark.parametrize("command", ["migrate", "init_push_tables"])
+def test_a_table_made_before_an_index_was_declared_gets_it_from_migrate_and_init(command):
+    model, alias = message_model(91), shard_alias(91)
+    declared = {index.name for index in model._meta.indexes}
+    assert declared <= _index_names(91)
+    with connections[alias].schema_editor() as editor:
+        editor.remove_index(model, model._meta.indexes[0])
+    try:
+        call_command("flush", database=alias, interactive=False, verbosity=0)
+        assert model._meta.indexes[0].name not in _index_names(91)  # a flush changes no schema
+        call_command(command, verbosity=0, **({"database": alias} if command == "migrate" else {}))
+        assert declared <= _index_names(91)
+    finally:
+        shard_tables_create(aliases=[alias])
+
+
 def _raw_count(alias: str, table: str, uid: int) -> int:
     with connections[alias].cursor() as cursor:
         cursor.execute(f"SELECT COUNT(*) FROM {table} WHERE to_uid = %s", [uid])
