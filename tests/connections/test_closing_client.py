@@ -59,7 +59,10 @@ def relation_rows(sqlite_path: Path | None, uids: list[int]) -> int:
 
 
 async def leave_mid_reply(port: int, uid: int) -> None:
-    async with websockets.connect(f"ws://127.0.0.1:{port}/ws/push/") as ws:
+    # max_queue=None: the client reads on while it reads no frames itself, or
+    # its flow control stops reading at 16 queued frames and the close reply
+    # waits behind them until its own close timeout (10 s).
+    async with websockets.connect(f"ws://127.0.0.1:{port}/ws/push/", max_queue=None) as ws:
         await ws.send(json.dumps({"action": "login", "body": {"ukey": f"key-{uid}"}, "seq": 0}))
         assert json.loads(await asyncio.wait_for(ws.recv(), 10))["code"] == 200
         for seq in range(1, FRAMES + 1):
