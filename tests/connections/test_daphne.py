@@ -301,7 +301,7 @@ async def test_malformed_frames_get_errors_and_the_socket_keeps_working(daphne, 
 
 
 async def test_idle_socket_gets_kick_4000_then_close_code_4000(start_daphne, ws_connect, new_uid):
-    server = start_daphne(PUSH_IDLE_TIMEOUT="1")
+    server = start_daphne(PUSH_IDLE_TIMEOUT="2")
     uid = new_uid()
     client = await ws_connect(server)
     assert (await client.login(f"key-{uid}"))["code"] == 200
