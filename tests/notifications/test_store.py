@@ -170,6 +170,44 @@ def test_mark_sent_and_ack_touch_only_the_owners_rows(new_uid):
     assert not row.is_read and not row.is_sent
 
 
+def _commits(alias: str) -> int | None:
+    """COMMIT statements run on this connection so far (MariaDB; None on SQLite)."""
+    connection = connections[alias]
+    if connection.vendor != "mysql":
+        return None
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW SESSION STATUS LIKE 'Com_commit'")
+        return int(cursor.fetchone()[1])
+
+
+def test_mark_sent_over_every_shard_marks_exactly_the_pairs_with_one_transaction_per_database(new_uid):
+    base, prefix = new_uid() * 1000, f"sent{new_uid()}"
+    messages = _job_batch(base, 300, prefix)
+    messages_store_batch(messages=messages)
+    chosen = messages[::2]
+    pairs = [(m.to_uid, m.noce_ack) for m in chosen]
+    pairs.append((base + 1, f"{prefix}-{base + 3}"))  # another user's row under a delivered uid: not marked
+    commits_before = {alias: _commits(alias) for alias in shards_by_alias()}
+    with ExitStack() as stack:
+        captured = {
+            alias: stack.enter_context(CaptureQueriesContext(connections[alias])) for alias in shards_by_alias()
+        }
+        assert messages_mark_sent(pairs=pairs) == len(chosen)
+    for alias, shards in shards_by_alias().items():
+        sql = [q["sql"].upper() for q in captured[alias].captured_queries]
+        touched = {shard_of(uid) for uid, _ in pairs} & set(shards)
+        assert sum(s.startswith("UPDATE") for s in sql) == len(touched)
+        if commits_before[alias] is not None:  # MariaDB counts them: one COMMIT, not one per shard
+            assert _commits(alias) - commits_before[alias] == 1
+    marked = Counter()
+    for shard, uids in uids_by_shard([m.to_uid for m in messages]).items():
+        marked.update(
+            message_model(shard).objects.filter(to_uid__in=uids, is_sent=True).values_list("noce_ack", flat=True)
+        )
+    assert set(marked) == {m.noce_ack for m in chosen}
+    assert messages_mark_sent(pairs=pairs) == 0  # marked once
+
+
 def test_migrations_are_coherent_with_the_models():
     # Shard models live outside the app registry, so they never reach here.
     call_command("makemigrations", "--check", "--dry-run", verbosity=0)
