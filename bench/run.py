@@ -145,7 +145,7 @@ class ApiNode:
     def __init__(self, server: Server) -> None:
         self.port = free_port()
         self.log = open(RESULTS / "server-api.log", "wb")  # noqa: SIM115 - closed in stop()
-        env = {**server_env(server.kind, server.prefix), "PUSH_FRAME_RATE": "1000"}
+        env = {**server_env(server.kind, server.prefix), "PUSH_FRAME_RATE": "1000", "PUSH_DB_THREADS": "2"}
         args = [str(ROOT / ".venv/bin/uvicorn"), "pushsite.asgi:application", "--ws", "none", "--http", "httptools",
                 "--lifespan", "off", "--no-access-log", "--host", "127.0.0.1", "--port", str(self.port)]  # fmt: skip
         self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)

@@ -28,12 +28,12 @@ THREAD_PREFIX = "pushsite-db"
 
 
 def _db_threads() -> int:
-    """Enough threads to overlap database round trips; each holds one connection.
+    """``PUSH_DB_THREADS``: enough threads to overlap round trips; each holds its own connections.
 
     SQLite takes one writer at a time (and its shared in-memory test database
     fails rather than waits), so it gets one thread, like Channels' own bridge.
     """
-    return 1 if settings.DATABASES["default"]["ENGINE"].endswith("sqlite3") else 8
+    return 1 if settings.DATABASES["default"]["ENGINE"].endswith("sqlite3") else settings.PUSH_DB_THREADS
 
 
 def _guarded(fn: Callable[..., T], kwargs: dict[str, Any]) -> T:

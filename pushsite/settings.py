@@ -274,6 +274,12 @@ PUSH_MAX_SOCKETS_PER_USER = env_int("PUSH_MAX_SOCKETS_PER_USER", 32)
 # Token bucket per socket: a steady rate and a burst allowance.
 PUSH_FRAME_RATE = float(env_str("PUSH_FRAME_RATE", "20"))
 PUSH_FRAME_BURST = env_int("PUSH_FRAME_BURST", 40)
+# Threads that run a process's database and Redis calls (connections/bridge.py);
+# each holds its own connections. SQLite always gets one. An API node answers
+# with less waiting at 2 (bench/README.md, latency); daphne's logins want more.
+PUSH_DB_THREADS = env_int("PUSH_DB_THREADS", 8)
+if not 1 <= PUSH_DB_THREADS <= 64:
+    raise ImproperlyConfigured(f"PUSH_DB_THREADS must be 1 to 64, got {PUSH_DB_THREADS}")
 # "hub": one bus subscription per process, frames written straight to local
 # sockets. "layer": the stock Channels group_send path, kept for comparison.
 PUSH_FANOUT = env_str("PUSH_FANOUT", "hub")

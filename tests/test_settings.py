@@ -49,6 +49,7 @@ print(json.dumps({
     "allowed_hosts": settings.ALLOWED_HOSTS,
     "idle": settings.PUSH_IDLE_TIMEOUT,
     "max_connections": settings.PUSH_MAX_CONNECTIONS,
+    "db_threads": __import__("connections.bridge").bridge._db_threads(),
 }))
 """
 
@@ -182,6 +183,8 @@ def test_development_profiles_start_without_secrets(tmp_path, profile):
         ({"PUSH_MAX_CONNECTIONS": "1e4"}, "PUSH_MAX_CONNECTIONS must be a whole number"),
         ({"DJANGO_DEBUG": "maybe"}, "DJANGO_DEBUG must be true or false"),
         ({"PUSH_FANOUT": "broadcast"}, "PUSH_FANOUT must be hub or layer"),
+        ({"PUSH_DB_THREADS": "0"}, "PUSH_DB_THREADS must be 1 to 64, got 0"),
+        ({"PUSH_DB_THREADS": "two"}, "PUSH_DB_THREADS must be a whole number"),
     ],
 )
 def test_bad_values_are_refused_naming_the_variable(tmp_path, variables, fragment):
@@ -203,6 +206,7 @@ def test_embedded_default_selects_sqlite_in_memory_layer_and_local_cache(tmp_pat
     assert found["push_jobs"] == "inline"
     assert found["push_env"] == "local" and found["debug"] is True
     assert (found["idle"], found["max_connections"]) == (180, 10000)
+    assert found["db_threads"] == 1  # SQLite: one writer, one thread
 
 
 def test_database_and_redis_urls_select_mysql_redis_layer_and_redis_cache(tmp_path):
@@ -213,6 +217,7 @@ def test_database_and_redis_urls_select_mysql_redis_layer_and_redis_cache(tmp_pa
             REDIS_URL="redis://redis.internal:6379/3",
             PUSH_IDLE_TIMEOUT="60",
             PUSH_MAX_CONNECTIONS="500",
+            PUSH_DB_THREADS="2",
         )
     )
     assert found["engine"] == "django.db.backends.mysql" and found["vendor"] == "mysql"
@@ -227,11 +232,12 @@ def test_database_and_redis_urls_select_mysql_redis_layer_and_redis_cache(tmp_pa
     assert found["broker"] == "redis://redis.internal:6379/3"
     assert found["push_jobs"] == "celery"
     assert (found["idle"], found["max_connections"]) == (60, 500)
+    assert found["db_threads"] == 2
 
 
 def test_database_url_alone_keeps_the_in_process_layer(tmp_path):
     found = inspect(clean_env(tmp_path, DATABASE_URL="mysql://root@127.0.0.1:3306/pushsite"))
-    assert found["vendor"] == "mysql"
+    assert found["vendor"] == "mysql" and found["db_threads"] == 8
     assert found["layer_backend"] == "channels.layers.InMemoryChannelLayer"
     assert found["cache_class"] == "LocMemCache"
 
