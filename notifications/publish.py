@@ -102,7 +102,7 @@ def _publish_one_group(group: dict[str, Any]) -> int:
     head, tail = encoded[: -len("]}]}")], "]}]}"
     client = get_redis()
     try:
-        return _publish_online_script(client)(
+        online = _publish_online_script(client)(
             keys=[online_key(uid) for uid, _ack in targets],
             # '[uid,"ack"]' as json.dumps of the pair writes it; a str alone takes
             # json's C fast path, the pair its slow general one.
@@ -110,7 +110,10 @@ def _publish_one_group(group: dict[str, Any]) -> int:
             client=client,
         )
     except redis.RedisError as error:
+        bus.redis_failed()
         raise BackendUnavailable(f"redis unavailable: {error.__class__.__name__}") from error
+    bus.redis_answered()
+    return online
 
 
 def _groups(messages: Sequence[NewMessage]) -> list[dict[str, Any]]:
