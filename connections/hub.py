@@ -14,10 +14,13 @@ Invariants:
 * after the bus comes back from a loss, the presence entries of this node's
   logged-in sockets are written again (Redis may have restarted empty);
 * a frame written by the hub marks its message sent (``is_sent``) within
-  ``SENT_FLUSH_INTERVAL`` seconds, in one UPDATE per shard.
+  ``SENT_FLUSH_INTERVAL`` seconds, in one UPDATE per shard;
+* a daphne stopped with SIGTERM writes its last sent marks and removes its
+  node's relation rows and presence entries before it exits (``leave_node``,
+  bounded by ``LEAVE_TIMEOUT``; the other nodes reap what it could not).
 
-Guarded by tests/connections/test_hub.py, tests/connections/test_consumer.py and
-tests/faults/test_redis_restart.py.
+Guarded by tests/connections/test_consumer.py, tests/connections/test_daphne.py
+and tests/faults/test_redis_restart.py.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import sys
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +46,8 @@ log = logging.getLogger(__name__)
 
 SENT_FLUSH_INTERVAL = 0.2
 SENT_FLUSH_MAX = 2000
+# What a stopping server waits for its last sent marks and its rows' removal.
+LEAVE_TIMEOUT = 5.0
 
 
 class Hub:
@@ -60,6 +66,7 @@ class Hub:
         self._sent_wakeup = asyncio.Event()
         self._pending_closes: list[tuple[int, str]] = []
         self._inflight: set[asyncio.Future[Any]] = set()
+        self._leaves_at_shutdown = False
 
     # --- membership --------------------------------------------------------
 
@@ -160,6 +167,7 @@ class Hub:
     # --- housekeeping -------------------------------------------------------
 
     async def _start(self) -> None:
+        self._leave_at_shutdown()
         ready = asyncio.Event()
         tasks = [
             self.loop.create_task(
@@ -188,6 +196,37 @@ class Hub:
         # so nothing of this hub touches the database after stop().
         await asyncio.gather(*self._inflight, return_exceptions=True)
         await self._flush_sent()
+
+    def _leave_at_shutdown(self) -> None:
+        """Under daphne: when the server stops, ``leave_node`` before the reactor does.
+
+        daphne stops on SIGTERM (``systemctl stop``) by cancelling every
+        application, so no consumer's disconnect handler reaches the database:
+        the node's relation rows and presence entries stayed until a peer
+        reaped them ``PUSH_NODE_DEAD_AFTER`` later, and the last 0.2 s of sent
+        marks were lost. Twisted runs "before shutdown" triggers first, with
+        the event loop still running, and waits for the Deferred one returns.
+        """
+        reactor = sys.modules.get("twisted.internet.reactor")
+        if self._leaves_at_shutdown or reactor is None or not getattr(reactor, "running", False):
+            return
+        from twisted.internet.defer import Deferred
+
+        self._leaves_at_shutdown = True
+        reactor.addSystemEventTrigger(
+            "before", "shutdown", lambda: Deferred.fromFuture(self.loop.create_task(self.leave_node()))
+        )
+
+    async def leave_node(self) -> None:
+        """This process stops: write the sent marks, then remove every row and presence entry of the node."""
+        try:
+            async with asyncio.timeout(LEAVE_TIMEOUT):
+                await self.stop()
+                removed = await bridge.call(services.node_leave, node=self.node)
+        except (TimeoutError, BackendUnavailable) as error:
+            log.warning("node %s could not leave cleanly (%s); peers reap its rows", self.node, error)
+            return
+        log.info("node %s left: %d relation rows removed", self.node, removed)
 
     async def _db(self, fn: Any, /, **kwargs: Any) -> Any:
         """A housekeeping database call that stop() waits for, even when cancelled."""

@@ -545,3 +545,22 @@ async def test_a_login_cancelled_after_its_socket_closed_leaves_no_row_and_no_so
     # PUSH_MAX_CONNECTIONS=1: had the hub kept the cancelled socket, this one would be refused as "server full".
     other = await ws_connect(server)
     assert (await other.login(f"key-{new_uid()}"))["code"] == 200
+
+
+async def test_a_daphne_stopped_with_sigterm_removes_its_rows_and_presence_at_once(start_daphne, ws_connect, new_uid):
+    # A dead-after of an hour: nothing but the stopping server itself can remove its rows within this test.
+    server = start_daphne(PUSH_NODE_DEAD_AFTER="3600")
+    uids = [new_uid() for _ in range(3)]
+    for uid in uids:
+        client = await ws_connect(server)
+        assert (await client.login(f"key-{uid}"))["code"] == 200
+    for uid in uids:
+        assert len(await server.relation_rows(uid)) == 1
+    assert await server.node_age() is not None
+
+    await asyncio.to_thread(server.process.stop)  # SIGTERM, as systemctl stop sends
+    assert server.process.proc is not None and server.process.proc.returncode is not None
+    for uid in uids:
+        assert await server.relation_rows(uid) == [], server.process.output()
+        assert not server.presence(uid)
+    assert await server.node_age() is None
