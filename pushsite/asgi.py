@@ -22,10 +22,16 @@ from django.conf import settings  # noqa: E402
 
 from connections.routing import websocket_urlpatterns  # noqa: E402
 from connections.security import OriginCheck  # noqa: E402
+from notifications.sharding import SHARD_COUNT, message_model  # noqa: E402
 from notifications.views import PushApiApp  # noqa: E402
 from pushsite.server import install_close_codes  # noqa: E402
 
 install_close_codes()
+
+# The 128 shard models (about 1.3 MB, 30 ms) are built once per process: at
+# start-up, not under the first logins and pushes that reach each shard.
+for _shard in range(SHARD_COUNT):
+    message_model(_shard)
 
 # Collecting less often raises fan-out with many sockets, at the cost of
 # memory that grows between full collections (bench/README.md); opt-in.
