@@ -38,9 +38,11 @@ there when it hands the transport to the WebSocket protocol: every open
 socket kept its handshake request, both header sets and the request body
 buffer alive (a few KiB each, bench/README.md). The channel is unregistered
 once the socket is open, and autobahn's copies of the handshake (raw bytes,
-parsed headers and query) are dropped; the application's scope keeps its
-own headers. Guarded by
-tests/test_server.py::test_an_open_socket_keeps_no_http_channel.
+parsed headers and query) are dropped, and so is the header list daphne
+shares with the application's scope (about 0.9 KiB a socket; the origin
+check reads it before the accept). Guarded by
+tests/test_server.py::test_an_open_socket_keeps_no_http_channel and
+tests/connections/test_daphne.py (origin checks over real daphne).
 
 6. Give each socket's application a small input queue. daphne makes an
 ``asyncio.Queue`` per connection: four deques (getters, putters, items and an
@@ -165,6 +167,9 @@ def install_close_codes() -> bool:
             # Read only while the handshake is processed; daphne's close log needs request.path alone.
             self.http_request_data = self.http_headers = self.http_request_params = None
             self.request.headers = self.request.params = {}
+            # The scope's header list (this same list) was read by the origin
+            # check before the accept; nothing reads it once the socket is open.
+            self.clean_headers.clear()
 
         def serverClose(self, code=None):
             if code in SERVER_CLOSE_CODES:
