@@ -236,8 +236,9 @@ class _KeepAlivePool:
             if conn[0].at_eof():  # the server closed it while it was idle (uvicorn: after 5 s)
                 conn[1].close()
                 conn = None
-        reader, writer = conn or await asyncio.open_connection("127.0.0.1", self.port)
-        conn = reader, writer
+        if conn is None:
+            conn = await asyncio.open_connection("127.0.0.1", self.port)
+        reader, writer = conn
         try:
             head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
             writer.write(

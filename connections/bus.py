@@ -25,7 +25,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis
@@ -47,13 +47,8 @@ def channel_name() -> str:
 def publish(message: dict[str, Any]) -> int:
     """Send one bus message to every server process; returns how many got it."""
     if redis_configured():
-        try:
-            delivered = get_redis().publish(channel_name(), json.dumps(message, separators=(",", ":")))
-        except redis.RedisError as error:
-            redis_failed()
-            raise BackendUnavailable(f"redis unavailable: {error.__class__.__name__}") from error
-        redis_answered()
-        return delivered
+        with redis_call():
+            return get_redis().publish(channel_name(), json.dumps(message, separators=(",", ":")))
     delivered = 0
     for loop, handler in list(_local_handlers.items()):
         if loop.is_closed():
@@ -69,14 +64,22 @@ ANSWERED_WITHIN = 1.0
 _answered_at = float("-inf")
 
 
-def redis_answered() -> None:
-    global _answered_at
-    _answered_at = time.monotonic()
-
-
 def redis_failed() -> None:
+    """Forget Redis' last answer: the next push pings it first."""
     global _answered_at
     _answered_at = float("-inf")
+
+
+@contextlib.contextmanager
+def redis_call() -> Iterator[None]:
+    """Around a Redis call of this process: a RedisError is BackendUnavailable; an answer is remembered."""
+    global _answered_at
+    try:
+        yield
+    except redis.RedisError as error:
+        redis_failed()
+        raise BackendUnavailable(f"redis unavailable: {error.__class__.__name__}") from error
+    _answered_at = time.monotonic()
 
 
 def check_available() -> None:
@@ -89,12 +92,8 @@ def check_available() -> None:
     INSERT and the publish, and goes out at the next login or periodic run.
     """
     if redis_configured() and time.monotonic() - _answered_at >= ANSWERED_WITHIN:
-        try:
+        with redis_call():
             get_redis().ping()
-        except redis.RedisError as error:
-            redis_failed()
-            raise BackendUnavailable(f"redis unavailable: {error.__class__.__name__}") from error
-        redis_answered()
 
 
 async def subscribe(

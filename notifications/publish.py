@@ -34,7 +34,6 @@ from connections import bus
 from connections.groups import user_group
 from connections.presence import online_key, presence
 from connections.protocol import PushTemplate
-from pushsite.errors import BackendUnavailable
 from pushsite.redis_client import get_redis, redis_configured
 
 from .store import NewMessage
@@ -101,19 +100,14 @@ def _publish_one_group(group: dict[str, Any]) -> int:
     encoded = json.dumps({"kind": "push", "groups": [{**group, "to": []}]}, separators=(",", ":"))
     head, tail = encoded[: -len("]}]}")], "]}]}"
     client = get_redis()
-    try:
-        online = _publish_online_script(client)(
+    with bus.redis_call():
+        return _publish_online_script(client)(
             keys=[online_key(uid) for uid, _ack in targets],
             # '[uid,"ack"]' as json.dumps of the pair writes it; a str alone takes
             # json's C fast path, the pair its slow general one.
             args=[bus.channel_name(), head, tail, *(f"[{int(uid)},{json.dumps(ack)}]" for uid, ack in targets)],
             client=client,
         )
-    except redis.RedisError as error:
-        bus.redis_failed()
-        raise BackendUnavailable(f"redis unavailable: {error.__class__.__name__}") from error
-    bus.redis_answered()
-    return online
 
 
 def _groups(messages: Sequence[NewMessage]) -> list[dict[str, Any]]:
