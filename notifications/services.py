@@ -33,6 +33,7 @@ from datetime import timedelta
 from typing import Any
 
 import redis
+from celery import current_app
 from django.conf import settings
 from django.db import close_old_connections, transaction
 from django.db.models import F
@@ -50,6 +51,8 @@ from .sharding import message_model
 from .store import NewMessage, messages_store, messages_store_batch
 
 log = logging.getLogger(__name__)
+
+RUN_PUSH_JOB = "notifications.run_push_job"
 
 
 @dataclass(frozen=True)
@@ -89,10 +92,10 @@ def push_job_enqueue(*, job_id: uuid.UUID) -> None:
     if settings.PUSH_JOBS == "inline":
         _inline_runner().submit(_run_inline, job_id)
         return
-    from .tasks import run_push_job
-
     try:
-        run_push_job.delay(str(job_id))
+        # By name: the task module imports this one, and the name is the
+        # contract between the API and the workers (notifications/tasks.py).
+        current_app.send_task(RUN_PUSH_JOB, args=[str(job_id)])
     except Exception as error:  # the job row is durable; the periodic sweep re-queues it
         log.warning("could not queue job %s (%s); it will be re-queued", job_id, error)
 

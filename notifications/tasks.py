@@ -12,7 +12,7 @@ from connections.protocol import MsgType
 from pushsite.errors import BackendUnavailable
 
 from . import periodic
-from .services import push_job_fail, push_job_run, push_jobs_requeue_stale
+from .services import RUN_PUSH_JOB, push_job_fail, push_job_run, push_jobs_requeue_stale
 
 RETRYABLE = (BackendUnavailable, DatabaseError, ConnectionError)
 
@@ -29,7 +29,7 @@ class PushJobTask(Task):
 
 @shared_task(
     base=PushJobTask,
-    name="notifications.run_push_job",
+    name=RUN_PUSH_JOB,
     autoretry_for=RETRYABLE,
     retry_backoff=2,
     retry_backoff_max=60,
