@@ -5,7 +5,9 @@ Invariants:
   process at most once at a time (concurrent logins with one key share a call);
 * a refusal (uid 0 or a refusing code) is ``LoginRefused``; the site down,
   slow or answering garbage is ``BackendUnavailable``, never a refusal;
-* login keys are never stored in clear: cache keys hold their SHA-256.
+* login keys are never stored in clear: cache keys hold their SHA-256;
+* the cache look-ups of logins that wait together are one round trip (MGET),
+  and so are their writes (``connections.batching``).
 
 Guarded by tests/connections/test_auth.py.
 """
@@ -26,6 +28,7 @@ from django.core.cache import cache
 from pushsite.errors import BackendUnavailable
 
 from . import bridge
+from .batching import batcher
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +54,35 @@ def _cache_key(login_key: str) -> str:
     return "login:" + hashlib.sha256(login_key.encode()).hexdigest()
 
 
-def _cache_get(key: str) -> int | None:
-    return cache.get(key)
+def _cache_get_many(*, keys: list[str]) -> dict[str, int]:
+    return cache.get_many(keys)
 
 
-def _cache_set(key: str, uid: int) -> None:
-    ttl = settings.PUSH_LOGIN_CACHE_TTL if uid else settings.PUSH_LOGIN_NEGATIVE_CACHE_TTL
-    if ttl > 0:
-        cache.set(key, uid, ttl)
+def _cache_set_many(*, entries: list[tuple[str, int]]) -> None:
+    for uids, ttl in (
+        ({key: uid for key, uid in entries if uid}, settings.PUSH_LOGIN_CACHE_TTL),
+        ({key: uid for key, uid in entries if not uid}, settings.PUSH_LOGIN_NEGATIVE_CACHE_TTL),
+    ):
+        if uids and ttl > 0:
+            cache.set_many(uids, ttl)
+
+
+async def _cache_lookups(keys: list[str]) -> list[int | None]:
+    """A batch of logins' cache look-ups in one round trip (MGET); None where not cached."""
+    try:
+        found = await bridge.call(_cache_get_many, keys=list(dict.fromkeys(keys)))
+    except BackendUnavailable:
+        found = {}  # a cache outage must not stop logins; the site still answers
+    return [found.get(key) for key in keys]
+
+
+async def _cache_writes(entries: list[tuple[str, int]]) -> list[None]:
+    """A batch of fresh answers cached in one round trip per TTL."""
+    try:
+        await bridge.call(_cache_set_many, entries=entries)
+    except BackendUnavailable:
+        log.warning("login cache unavailable; %d logins verified without caching", len(entries))
+    return [None] * len(entries)
 
 
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = weakref.WeakKeyDictionary()
@@ -156,16 +180,11 @@ async def verify_login(login_key: str) -> int:
             raise LoginRefused
         return uid
     key = _cache_key(login_key)
-    try:
-        cached = await bridge.call(_cache_get, key=key)
-    except BackendUnavailable:
-        cached = None  # a cache outage must not stop logins; the site still answers
+    batch = settings.PUSH_LOGIN_BATCH
+    cached = await batcher("login-cache-reads", _cache_lookups, max_batch=batch).submit(key)
     if cached is None:
         cached = await _verify_shared(key, login_key)
-        try:
-            await bridge.call(_cache_set, key=key, uid=cached)
-        except BackendUnavailable:
-            log.warning("login cache unavailable; verified without caching")
+        await batcher("login-cache-writes", _cache_writes, max_batch=batch).submit((key, cached))
     if not cached:
         raise LoginRefused
     return cached

@@ -28,13 +28,12 @@ from channels.consumer import AsyncConsumer, get_handler_name
 from channels.exceptions import StopConsumer
 from django.conf import settings
 
-from notifications import selectors as notification_selectors
-from notifications import store as notification_store
 from pushsite.errors import BackendUnavailable
 
-from . import auth, bridge, services
+from . import auth, bridge, logins, services
 from .groups import user_group
 from .hub import Hub, get_hub
+from .inbox import Unsent, inbox
 from .protocol import (
     AckBody,
     ClientFrame,
@@ -119,6 +118,17 @@ class PushConsumer(AsyncConsumer):
 
     async def websocket_connect(self, message: dict[str, Any]) -> None:
         await self.base_send({"type": "websocket.accept"})
+        retry_after = logins.retry_after()
+        if retry_after is not None:
+            # Logins are not answered in time: tell the client when to come
+            # back now, rather than let it queue until it gives up.
+            await self.kick(
+                code=Code.UNAVAILABLE,
+                close_code=CloseCode.TRY_AGAIN_LATER,
+                msg="server busy; retry later",
+                body={"retry_after": retry_after},
+            )
+            return
         self.hub = get_hub()
         self.last_active = self._refilled = self.hub.loop.time()
         self.conn_id = await self.hub.attach(self)
@@ -132,11 +142,11 @@ class PushConsumer(AsyncConsumer):
             await self.hub.detach(self)
         raise StopConsumer
 
-    async def kick(self, *, code: int, close_code: int, msg: str) -> None:
+    async def kick(self, *, code: int, close_code: int, msg: str, body: dict[str, Any] | None = None) -> None:
         """Send KICK and close; the disconnect handler cleans up."""
         if self.closed:
             return
-        await self.send_frame(MsgType.KICK, code=code, msg=msg)
+        await self.send_frame(MsgType.KICK, code=code, msg=msg, body=body)
         self.closed = True
         # Clean up before the close frame, so a client that sees the close
         # can rely on its relation row being gone.
@@ -263,12 +273,8 @@ class PushConsumer(AsyncConsumer):
         try:
             if self.layer_fanout:
                 await self.channel_layer.group_add(user_group(uid), self.channel_name)
-            session = await bridge.call(
-                services.session_login,
-                uid=uid,
-                conn_id=self.conn_id,
-                node=self.hub.node,
-                client_type=body.client_type,
+            session = await logins.session_login(
+                services.LoginRequest(uid=uid, conn_id=self.conn_id, node=self.hub.node, client_type=body.client_type)
             )
         except BackendUnavailable as error:
             await self._leave_session(closing=False)
@@ -281,7 +287,7 @@ class PushConsumer(AsyncConsumer):
         await self.send_frame(MsgType.LOGIN, uid=uid, body={"uid": uid, "unread": session.unread_counts}, seq=frame.seq)
         await self._replay(session.unsent)
 
-    async def _replay(self, messages: list[notification_selectors.Unsent]) -> None:
+    async def _replay(self, messages: list[Unsent]) -> None:
         assert self.hub is not None
         now = self.hub.loop.time()
         written: set[str] = set()
@@ -307,16 +313,14 @@ class PushConsumer(AsyncConsumer):
         if await self._refuse_anonymous(frame):
             return
         body: AckBody = frame.body
-        acked = await bridge.call(notification_store.messages_ack, uid=self.uid, noce_acks=body.acks)
+        acked = await bridge.call(inbox().ack, uid=self.uid, noce_acks=body.acks)
         await self.send_frame(MsgType.ACK, uid=self.uid, body={"acked": acked}, seq=frame.seq)
 
     async def action_unread(self, frame: ClientFrame) -> None:
         if await self._refuse_anonymous(frame):
             return
         body: UnreadBody = frame.body
-        result = await bridge.call(
-            notification_selectors.unread_for_user, uid=self.uid, limit=body.limit, msg_type=body.msg_type
-        )
+        result = await bridge.call(inbox().unread, uid=self.uid, limit=body.limit, msg_type=body.msg_type)
         await self.send_frame(MsgType.UNREAD, uid=self.uid, body=result, seq=frame.seq)
 
     async def _leave_session(self, *, closing: bool) -> None:

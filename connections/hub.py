@@ -30,17 +30,28 @@ import itertools
 import logging
 import sys
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from django.conf import settings
 
 from pushsite.errors import BackendUnavailable
 
 from . import bridge, bus, selectors, services
+from .inbox import inbox
 from .protocol import CloseCode, MsgType, PushTemplate
 
-if TYPE_CHECKING:
-    from .consumers import PushConsumer
+
+class PushConsumer(Protocol):
+    """What the hub needs of a socket (connections.consumers.PushConsumer is one)."""
+
+    conn_id: str | None
+    uid: int
+    last_active: float
+
+    async def push_text(self, text: str, noce_ack: str, now: float) -> bool: ...
+
+    async def kick(self, *, code: int, close_code: int, msg: str, body: dict[str, Any] | None = None) -> None: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -308,10 +319,8 @@ class Hub:
         batch, self._sent = self._sent, []
         if not batch:
             return
-        from notifications.store import messages_mark_sent
-
         try:
-            await self._db(messages_mark_sent, pairs=batch)
+            await self._db(inbox().mark_sent, pairs=batch)
         except BackendUnavailable as error:
             # Not marking sent only means a later run may deliver it again;
             # clients de-duplicate by noce_ack. Keep the batch bounded.

@@ -46,6 +46,10 @@ class _LocalPresence:
         with self._lock:
             return dict(self._data.get(uid, {}))
 
+    def counts(self, uids: list[int]) -> dict[int, int]:
+        with self._lock:
+            return {uid: len(self._data.get(uid, ())) for uid in uids}
+
     def online(self, uids: list[int]) -> set[int]:
         with self._lock:
             return {uid for uid in uids if self._data.get(uid)}
@@ -73,6 +77,15 @@ class _RedisPresence:
 
     def connections(self, uid: int) -> dict[str, str]:
         return get_redis().hgetall(online_key(uid))
+
+    def counts(self, uids: list[int]) -> dict[int, int]:
+        """Live connections per uid, in one round trip."""
+        if not uids:
+            return {}
+        pipe = get_redis().pipeline(transaction=False)
+        for uid in uids:
+            pipe.hlen(online_key(uid))
+        return dict(zip(uids, pipe.execute(), strict=True))
 
     def online(self, uids: list[int]) -> set[int]:
         if not uids:

@@ -23,8 +23,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from notifications.selectors import Unsent, unread_counts, unsent_for_user
-
+from .inbox import LoginView, inbox
 from .models import Connection, Node, UserStatus
 from .presence import presence
 from .protocol import ClientType
@@ -103,23 +102,60 @@ def node_leave(*, node: str) -> int:
     return len(pairs)
 
 
+@dataclass(frozen=True, slots=True)
+class LoginRequest:
+    """A verified socket that logs in as uid."""
+
+    uid: int
+    conn_id: str
+    node: str
+    client_type: ClientType
+
+
 def connection_login(*, uid: int, conn_id: str, node: str, client_type: ClientType) -> Connection:
     """Record that a socket logged in as uid."""
+    connections_login(logins=[LoginRequest(uid=uid, conn_id=conn_id, node=node, client_type=client_type)])
+    return Connection.objects.get(conn_id=conn_id)
+
+
+_UPSERT_FIELDS = ["uid", "node", "user_status", "client_type", "login_time", "update_time"]
+
+
+def connections_login(*, logins: list[LoginRequest]) -> None:
+    """Record a batch of logins: one multi-row upsert, then one presence pipeline.
+
+    A socket that logged out and in again already has its (offline) row, so
+    the statement updates on a conn_id conflict rather than fails.
+    """
+    if not logins:
+        return
     now = timezone.now()
-    with transaction.atomic():
-        row, _ = Connection.objects.update_or_create(
-            conn_id=conn_id,
-            defaults={
-                "uid": uid,
-                "node": node,
-                "user_status": UserStatus.ONLINE,
-                "client_type": int(client_type),
-                "login_time": now,
-                "update_time": now,
-            },
+    rows = [
+        Connection(
+            uid=login.uid,
+            conn_id=login.conn_id,
+            node=login.node,
+            user_status=UserStatus.ONLINE,
+            client_type=int(login.client_type),
+            login_time=now,
+            update_time=now,
         )
-    presence().add(uid, conn_id, presence_info(node=node, client_type=int(client_type), login_time=now))
-    return row
+        for login in logins
+    ]
+    features = transaction.get_connection(Connection.objects.db).features
+    # MySQL's ON DUPLICATE KEY UPDATE names no target: Django refuses one there.
+    target = ["conn_id"] if features.supports_update_conflicts_with_target else None
+    Connection.objects.bulk_create(rows, update_conflicts=True, unique_fields=target, update_fields=_UPSERT_FIELDS)
+    presence().add_many(
+        [
+            (
+                login.uid,
+                login.conn_id,
+                presence_info(node=login.node, client_type=int(login.client_type), login_time=now),
+            )
+            for login in logins
+        ]
+    )
 
 
 def presence_info(*, node: str, client_type: int, login_time: datetime) -> str:
@@ -159,23 +195,29 @@ def connection_close(*, uid: int, conn_id: str) -> None:
     presence().remove([(uid, conn_id)])
 
 
-@dataclass(frozen=True)
-class LoginSession:
-    unread_counts: dict[str, int]
-    unsent: list[Unsent]
-
-
 class TooManySockets(Exception):
     """The user holds PUSH_MAX_SOCKETS_PER_USER sockets already."""
 
 
-def session_login(*, uid: int, conn_id: str, node: str, client_type: ClientType) -> LoginSession:
-    """Record the login and read what the user should see at once, in one DB trip."""
-    held = len(presence().connections(uid))
-    if held >= settings.PUSH_MAX_SOCKETS_PER_USER:
-        raise TooManySockets(f"uid {uid} already holds {held} sockets (limit {settings.PUSH_MAX_SOCKETS_PER_USER})")
-    connection_login(uid=uid, conn_id=conn_id, node=node, client_type=client_type)
-    return LoginSession(
-        unread_counts=unread_counts(uid=uid),
-        unsent=unsent_for_user(uid=uid, limit=settings.PUSH_LOGIN_REPLAY_LIMIT),
-    )
+def sessions_login(*, logins: list[LoginRequest]) -> list[LoginView | TooManySockets]:
+    """Log a batch of verified sockets in; for each, what it is shown, or why it was refused.
+
+    One presence pipeline counts the users' sockets, one upsert writes the
+    accepted rows, one pipeline their presence entries, and the inbox reads
+    the whole batch's counts and unsent messages together. A refused login
+    writes nothing.
+    """
+    limit = settings.PUSH_MAX_SOCKETS_PER_USER
+    held = presence().counts(list(dict.fromkeys(login.uid for login in logins)))
+    accepted: list[LoginRequest] = []
+    results: list[LoginView | TooManySockets | None] = []
+    for login in logins:
+        if held[login.uid] >= limit:
+            results.append(TooManySockets(f"uid {login.uid} already holds {held[login.uid]} sockets (limit {limit})"))
+            continue
+        held[login.uid] += 1
+        accepted.append(login)
+        results.append(None)
+    connections_login(logins=accepted)
+    views = inbox().logins_read(uids={login.uid for login in accepted}, replay_limit=settings.PUSH_LOGIN_REPLAY_LIMIT)
+    return [views[login.uid] if result is None else result for login, result in zip(logins, results, strict=True)]

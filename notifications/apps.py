@@ -9,6 +9,11 @@ class NotificationsConfig(AppConfig):
     def ready(self) -> None:
         from django.db.models.signals import post_migrate
 
+        from connections import inbox
+
+        from .inbox import MessageInbox
         from .store import shard_tables_create_on_migrate
 
         post_migrate.connect(shard_tables_create_on_migrate, sender=self)
+        # The transport's sessions reach messages only through this.
+        inbox.register(MessageInbox())

@@ -6,21 +6,17 @@ Guarded by tests/notifications/test_store.py.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from collections.abc import Callable, Collection
 from typing import Any
 
 from django.db import connections
 from django.db.models import Count
 
+from connections.inbox import LoginView, Unsent
 from connections.protocol import MsgType, PushTemplate
 
 from .sharding import message_model, model_for_uid, shard_alias, uids_by_shard
-
-
-@dataclass(frozen=True, slots=True)
-class Unsent:
-    noce_ack: str
-    frame: str
 
 
 def unread_counts(*, uid: int) -> dict[str, int]:
@@ -59,15 +55,87 @@ def unread_for_user(*, uid: int, limit: int, msg_type: int | None = None) -> dic
 def unsent_for_user(*, uid: int, limit: int) -> list[Unsent]:
     """Messages never handed to a socket, oldest first, as ready frames."""
     rows = model_for_uid(uid).objects.filter(to_uid=uid, is_sent=False, is_read=False).order_by("id")[:limit]
-    return [
-        Unsent(
-            noce_ack=row.noce_ack,
-            frame=PushTemplate(MsgType(row.msg_type), from_uid=row.from_uid, body=row.body).render(
-                row.to_uid, row.noce_ack
-            ),
-        )
-        for row in rows
-    ]
+    return [_unsent(row.to_uid, row.noce_ack, row.msg_type, row.from_uid, row.body) for row in rows]
+
+
+def _unsent(to_uid: int, noce_ack: str, msg_type: int, from_uid: int, body: Any) -> Unsent:
+    if isinstance(body, bytes | str):
+        body = json.loads(body)
+    return Unsent(
+        noce_ack=noce_ack, frame=PushTemplate(MsgType(msg_type), from_uid=from_uid, body=body).render(to_uid, noce_ack)
+    )
+
+
+def logins_read(*, uids: Collection[int], replay_limit: int) -> dict[int, LoginView]:
+    """Unread counts and unsent messages for a batch of logins: two statements per shard database.
+
+    A reconnect storm logs thousands of users in within seconds. Read one by
+    one, each login cost two queries and two database round trips on a
+    thread that the next login queued behind (bench/README.md, storm); a
+    batch's users are read together, one UNION ALL of their shard tables per
+    database and kind of read, the replay limit kept per user by a window.
+    """
+    wanted = sorted(set(uids))
+    counts: dict[int, dict[str, int]] = {uid: {} for uid in wanted}
+    unsent: dict[int, list[tuple[int, Unsent]]] = {uid: [] for uid in wanted}
+    for uid, msg_type, n in _union_by_database(wanted, _counts_part):
+        counts[uid][str(msg_type)] = n
+    if replay_limit > 0:
+        rows = _union_by_database(wanted, _unsent_part, replay_limit)
+        for row_id, to_uid, noce_ack, msg_type, from_uid, body in rows:
+            unsent[to_uid].append((row_id, _unsent(to_uid, noce_ack, msg_type, from_uid, body)))
+    return {
+        uid: LoginView(unread_counts=counts[uid], unsent=[u for _, u in sorted(unsent[uid], key=lambda r: r[0])])
+        for uid in wanted
+    }
+
+
+def _columns(connection: Any, shard: int, *names: str) -> tuple[str, ...]:
+    meta = message_model(shard)._meta
+    return (
+        connection.ops.quote_name(meta.db_table),
+        *(connection.ops.quote_name(meta.get_field(n).column) for n in names),
+    )
+
+
+def _counts_part(connection: Any, shard: int, uids: list[int]) -> tuple[str, list[Any]]:
+    table, to_uid, kind, is_read = _columns(connection, shard, "to_uid", "msg_type", "is_read")
+    marks = ", ".join(["%s"] * len(uids))
+    return (
+        f"SELECT {to_uid}, {kind}, COUNT(*) FROM {table}"  # noqa: S608 - quoted model names; values bound
+        f" WHERE {to_uid} IN ({marks}) AND {is_read} = %s GROUP BY {to_uid}, {kind}",
+        [*uids, False],
+    )
+
+
+def _unsent_part(connection: Any, shard: int, uids: list[int], limit: int) -> tuple[str, list[Any]]:
+    table, pk, to_uid, ack, kind, sender, body, is_sent, is_read = _columns(
+        connection, shard, "id", "to_uid", "noce_ack", "msg_type", "from_uid", "body", "is_sent", "is_read"
+    )
+    marks = ", ".join(["%s"] * len(uids))
+    return (
+        f"SELECT {pk}, {to_uid}, {ack}, {kind}, {sender}, {body} FROM ("  # noqa: S608 - as above
+        f"SELECT {pk}, {to_uid}, {ack}, {kind}, {sender}, {body},"
+        f" ROW_NUMBER() OVER (PARTITION BY {to_uid} ORDER BY {pk}) AS n FROM {table}"
+        f" WHERE {to_uid} IN ({marks}) AND {is_sent} = %s AND {is_read} = %s) AS w{shard} WHERE n <= %s",
+        [*uids, False, False, limit],
+    )
+
+
+def _union_by_database(uids: list[int], part: Callable[..., tuple[str, list[Any]]], *args: Any) -> list[tuple]:
+    """Run ``part`` for each shard the uids live in, one UNION ALL per database (within its parameter limit)."""
+    by_alias: dict[str, list[tuple[int, list[int]]]] = {}
+    for shard, shard_uids in sorted(uids_by_shard(uids).items()):
+        by_alias.setdefault(shard_alias(shard), []).append((shard, shard_uids))
+    rows: list[tuple] = []
+    for alias, shards in by_alias.items():
+        connection = connections[alias]
+        for chunk in _within_params(shards, connection.features.max_query_params):
+            pieces = [part(connection, shard, shard_uids, *args) for shard, shard_uids in chunk]
+            with connection.cursor() as cursor:
+                cursor.execute(" UNION ALL ".join(sql for sql, _ in pieces), [p for _, ps in pieces for p in ps])
+                rows.extend(cursor.fetchall())
+    return rows
 
 
 def still_unread_of_type(*, uids: list[int], msg_type: int, excluding_prefix: str) -> set[int]:
@@ -77,37 +145,18 @@ def still_unread_of_type(*, uids: list[int], msg_type: int, excluding_prefix: st
     shard database (a SELECT per shard table, joined by UNION ALL), written
     out, because building 128 querysets per batch cost more than the queries.
     """
-    by_alias: dict[str, list[tuple[int, list[int]]]] = {}
-    for shard, shard_uids in uids_by_shard(uids).items():
-        by_alias.setdefault(shard_alias(shard), []).append((shard, shard_uids))
-    found: set[int] = set()
-    for alias, shards in by_alias.items():
-        connection = connections[alias]
-        for chunk in _within_params(shards, connection.features.max_query_params):
-            sql, params = _unread_union(connection, chunk, msg_type, excluding_prefix)
-            with connection.cursor() as cursor:
-                cursor.execute(sql, params)
-                found.update(uid for (uid,) in cursor.fetchall())
-    return found
+    return {uid for (uid,) in _union_by_database(uids, _unread_of_type_part, msg_type, excluding_prefix)}
 
 
-def _unread_union(
-    connection: Any, shards: list[tuple[int, list[int]]], msg_type: int, excluding_prefix: str
+def _unread_of_type_part(
+    connection: Any, shard: int, uids: list[int], msg_type: int, excluding_prefix: str
 ) -> tuple[str, list[Any]]:
-    """The UNION ALL of one database's shard tables; only quoted names are put in the text."""
-    qn = connection.ops.quote_name
-    parts, params = [], []
-    for shard, shard_uids in shards:
-        meta = message_model(shard)._meta
-        to_uid, kind, is_read, ack = (
-            qn(meta.get_field(n).column) for n in ("to_uid", "msg_type", "is_read", "noce_ack")
-        )
-        parts.append(
-            f"SELECT {to_uid} FROM {qn(meta.db_table)} WHERE {to_uid} IN ({', '.join(['%s'] * len(shard_uids))})"  # noqa: S608
-            f" AND {kind} = %s AND {is_read} = %s AND NOT ({ack} {connection.operators['startswith'] % '%s'})"
-        )
-        params += [*shard_uids, msg_type, False, connection.ops.prep_for_like_query(excluding_prefix) + "%"]
-    return " UNION ALL ".join(parts), params
+    table, to_uid, kind, is_read, ack = _columns(connection, shard, "to_uid", "msg_type", "is_read", "noce_ack")
+    return (
+        f"SELECT {to_uid} FROM {table} WHERE {to_uid} IN ({', '.join(['%s'] * len(uids))})"  # noqa: S608 - as above
+        f" AND {kind} = %s AND {is_read} = %s AND NOT ({ack} {connection.operators['startswith'] % '%s'})",
+        [*uids, msg_type, False, connection.ops.prep_for_like_query(excluding_prefix) + "%"],
+    )
 
 
 def _within_params(shards: list[tuple[int, list[int]]], limit: int | None) -> list[list[tuple[int, list[int]]]]:

@@ -298,6 +298,14 @@ if PUSH_JOBS not in {"celery", "inline"}:
 PUSH_JOB_BATCH = env_int("PUSH_JOB_BATCH", 1000)
 # Unsent messages delivered at login, oldest first; the rest wait for the next run.
 PUSH_LOGIN_REPLAY_LIMIT = env_int("PUSH_LOGIN_REPLAY_LIMIT", 100)
+# Logins that wait together are written and read as one batch (connections/logins.py).
+PUSH_LOGIN_BATCH = env_int("PUSH_LOGIN_BATCH", 500)
+if not 1 <= PUSH_LOGIN_BATCH <= 5000:
+    raise ImproperlyConfigured(f"PUSH_LOGIN_BATCH must be 1 to 5000, got {PUSH_LOGIN_BATCH}")
+# Admission control: when logins have waited this long for their batch, a new
+# socket gets KICK 503 with retry_after (at most PUSH_LOGIN_RETRY_AFTER_MAX s).
+PUSH_LOGIN_MAX_WAIT = float(env_str("PUSH_LOGIN_MAX_WAIT", "2"))
+PUSH_LOGIN_RETRY_AFTER_MAX = env_int("PUSH_LOGIN_RETRY_AFTER_MAX", 30)
 PUSH_NODE_ID = env_str("PUSH_NODE_ID")
 PUSH_NODE_HEARTBEAT = env_int("PUSH_NODE_HEARTBEAT", 10)
 # A node whose liveness mark is older than this is dead; its relation rows go.

@@ -106,7 +106,12 @@ class VerifyServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            # A site's listen backlog, not http.server's 5: a burst of logins
+            # opens dozens of verify connections at once.
+            request_queue_size = 128
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/api/push/verify"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)

@@ -1,0 +1,60 @@
+"""The login pipeline: verified sockets logged in by the batch, and admission control.
+
+Every deploy or network blip brings a node's clients back at once. Per login
+the session writes a relation row and a presence entry and reads the unread
+counts and the unsent replay; done one login at a time, each was its own
+database round trip on a thread that the next login queued behind
+(bench/README.md, storm). Here the logins waiting together go as one batch:
+one bridge call, inside it one presence pipeline, one multi-row upsert and
+the inbox's batched reads (``services.sessions_login``). Login-key look-ups are
+batched the same way (``connections.auth``).
+
+Admission control: when logins wait longer than ``PUSH_LOGIN_MAX_WAIT``
+seconds for their batch, a new socket is told at once to come back later
+(KICK 503 with ``retry_after``, close 1013) instead of queueing until its
+client gives up; ``retry_after`` is the time the backlog needs to drain at
+the measured rate, within ``1..PUSH_LOGIN_RETRY_AFTER_MAX``.
+
+Invariants:
+* a refused or failed login writes no row and no presence entry (a batch that
+  failed as a whole is reported to each of its logins, which clean up as one);
+* one batch of logins is in the database at a time, so the database threads
+  stay free for acks, sent marks and housekeeping.
+
+Guarded by tests/connections/test_logins.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+from django.conf import settings
+
+from . import bridge, services
+from .batching import Batcher, batcher, loop_batchers
+from .inbox import LoginView
+from .services import LoginRequest, TooManySockets
+
+SESSIONS = "login-sessions"
+
+
+async def _sessions(batch: list[LoginRequest]) -> list[LoginView | TooManySockets]:
+    return await bridge.call(services.sessions_login, logins=batch)
+
+
+def _session_batcher() -> Batcher[LoginRequest, LoginView]:
+    return batcher(SESSIONS, _sessions, max_batch=settings.PUSH_LOGIN_BATCH)
+
+
+async def session_login(request: LoginRequest) -> LoginView:
+    """Log one verified socket in with whatever logins wait beside it; raises TooManySockets or BackendUnavailable."""
+    return await _session_batcher().submit(request)
+
+
+def retry_after() -> int | None:
+    """Seconds a new socket should wait before it logs in, or None when logins are answered in time."""
+    batchers = loop_batchers()
+    if not batchers or max(b.oldest_wait() for b in batchers) <= settings.PUSH_LOGIN_MAX_WAIT:
+        return None
+    drain = max(len(b) / max(b.rate, 1.0) for b in batchers)
+    return max(1, min(settings.PUSH_LOGIN_RETRY_AFTER_MAX, math.ceil(drain)))
