@@ -67,27 +67,36 @@ def _unsent(to_uid: int, noce_ack: str, msg_type: int, from_uid: int, body: Any)
 
 
 def logins_read(*, uids: Collection[int], replay_limit: int) -> dict[int, LoginView]:
-    """Unread counts and unsent messages for a batch of logins: two statements per shard database.
+    """Unread counts and unsent messages for a batch of logins: at most two statements per shard database.
 
     A reconnect storm logs thousands of users in within seconds. Read one by
     one, each login cost two queries and two database round trips on a
-    thread that the next login queued behind (bench/README.md, storm); a
-    batch's users are read together, one UNION ALL of their shard tables per
-    database and kind of read, the replay limit kept per user by a window.
+    thread that the next login queued behind (bench/README.md, storm). Here
+    one UNION ALL of the batch's shard tables per database counts unread and
+    unsent messages per user and type; a second reads the unsent rows of only
+    the users that have any (most have none). A user with more unsent rows
+    than the replay limit is read on its own, with the limit: rare, and a
+    per-user limit inside the UNION (a window) cost a temporary table per shard.
     """
     wanted = sorted(set(uids))
     counts: dict[int, dict[str, int]] = {uid: {} for uid in wanted}
+    unsent_n: dict[int, int] = dict.fromkeys(wanted, 0)
+    for uid, msg_type, unread, unsent in _union_by_database(wanted, _counts_part):
+        counts[uid][str(msg_type)] = unread
+        unsent_n[uid] += int(unsent)
+    few = [uid for uid, n in unsent_n.items() if 0 < n <= replay_limit]
+    many = [uid for uid, n in unsent_n.items() if n > replay_limit] if replay_limit > 0 else []
     unsent: dict[int, list[tuple[int, Unsent]]] = {uid: [] for uid in wanted}
-    for uid, msg_type, n in _union_by_database(wanted, _counts_part):
-        counts[uid][str(msg_type)] = n
-    if replay_limit > 0:
-        rows = _union_by_database(wanted, _unsent_part, replay_limit)
-        for row_id, to_uid, noce_ack, msg_type, from_uid, body in rows:
-            unsent[to_uid].append((row_id, _unsent(to_uid, noce_ack, msg_type, from_uid, body)))
-    return {
-        uid: LoginView(unread_counts=counts[uid], unsent=[u for _, u in sorted(unsent[uid], key=lambda r: r[0])])
-        for uid in wanted
-    }
+    for row_id, to_uid, noce_ack, msg_type, from_uid, body in _union_by_database(few, _unsent_part) if few else ():
+        unsent[to_uid].append((row_id, _unsent(to_uid, noce_ack, msg_type, from_uid, body)))
+    views = {}
+    for uid in wanted:
+        # Rows stored since the count may have come too: the limit holds all the same.
+        rows = [u for _, u in sorted(unsent[uid], key=lambda r: r[0])][:replay_limit]
+        views[uid] = LoginView(unread_counts=counts[uid], unsent=rows)
+    for uid in many:
+        views[uid] = LoginView(unread_counts=counts[uid], unsent=unsent_for_user(uid=uid, limit=replay_limit))
+    return views
 
 
 def _columns(connection: Any, shard: int, *names: str) -> tuple[str, ...]:
@@ -99,26 +108,24 @@ def _columns(connection: Any, shard: int, *names: str) -> tuple[str, ...]:
 
 
 def _counts_part(connection: Any, shard: int, uids: list[int]) -> tuple[str, list[Any]]:
-    table, to_uid, kind, is_read = _columns(connection, shard, "to_uid", "msg_type", "is_read")
+    table, to_uid, kind, is_read, is_sent = _columns(connection, shard, "to_uid", "msg_type", "is_read", "is_sent")
     marks = ", ".join(["%s"] * len(uids))
     return (
-        f"SELECT {to_uid}, {kind}, COUNT(*) FROM {table}"  # noqa: S608 - quoted model names; values bound
+        f"SELECT {to_uid}, {kind}, COUNT(*), SUM(CASE WHEN {is_sent} = %s THEN 1 ELSE 0 END) FROM {table}"  # noqa: S608 - quoted model names; values bound
         f" WHERE {to_uid} IN ({marks}) AND {is_read} = %s GROUP BY {to_uid}, {kind}",
-        [*uids, False],
+        [False, *uids, False],
     )
 
 
-def _unsent_part(connection: Any, shard: int, uids: list[int], limit: int) -> tuple[str, list[Any]]:
+def _unsent_part(connection: Any, shard: int, uids: list[int]) -> tuple[str, list[Any]]:
     table, pk, to_uid, ack, kind, sender, body, is_sent, is_read = _columns(
         connection, shard, "id", "to_uid", "noce_ack", "msg_type", "from_uid", "body", "is_sent", "is_read"
     )
     marks = ", ".join(["%s"] * len(uids))
     return (
-        f"SELECT {pk}, {to_uid}, {ack}, {kind}, {sender}, {body} FROM ("  # noqa: S608 - as above
-        f"SELECT {pk}, {to_uid}, {ack}, {kind}, {sender}, {body},"
-        f" ROW_NUMBER() OVER (PARTITION BY {to_uid} ORDER BY {pk}) AS n FROM {table}"
-        f" WHERE {to_uid} IN ({marks}) AND {is_sent} = %s AND {is_read} = %s) AS w{shard} WHERE n <= %s",
-        [*uids, False, False, limit],
+        f"SELECT {pk}, {to_uid}, {ack}, {kind}, {sender}, {body} FROM {table}"  # noqa: S608 - as above
+        f" WHERE {to_uid} IN ({marks}) AND {is_sent} = %s AND {is_read} = %s",
+        [*uids, False, False],
     )
 
 

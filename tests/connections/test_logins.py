@@ -19,6 +19,7 @@ from django.test.utils import CaptureQueriesContext
 
 from connections import services
 from connections.batching import Batcher, loop_batchers
+from connections.inbox import inbox
 from connections.logins import SESSIONS
 from connections.models import Connection
 from connections.presence import presence
@@ -115,7 +116,6 @@ def _queries_by_alias(run):
 
 
 def test_a_batch_of_logins_reads_what_one_at_a_time_would_with_a_bounded_number_of_statements(new_uid, settings):
-    settings.PUSH_LOGIN_REPLAY_LIMIT = 2
     uids = [new_uid() for _ in range(60)]  # consecutive: 60 shards
     _stored_for(uids)
     logins = [
@@ -125,7 +125,7 @@ def test_a_batch_of_logins_reads_what_one_at_a_time_would_with_a_bounded_number_
     views, queries = _queries_by_alias(lambda: services.sessions_login(logins=logins))
     for uid, view in zip(uids, views, strict=True):
         assert view.unread_counts == unread_counts(uid=uid)
-        assert view.unsent == unsent_for_user(uid=uid, limit=2)
+        assert view.unsent == unsent_for_user(uid=uid, limit=100)
     assert sum(bool(v.unsent) for v in views) > 30
     # One upsert for the rows, and two reads per shard database, however many logins.
     shard_aliases = set(settings.PUSH_SHARD_DATABASES)
@@ -135,6 +135,17 @@ def test_a_batch_of_logins_reads_what_one_at_a_time_would_with_a_bounded_number_
     rows = set(Connection.objects.filter(node="batch-node").values_list("uid", flat=True))
     assert rows == set(uids)
     assert presence().online(uids) == set(uids)
+
+
+def test_the_replay_limit_holds_per_user_in_a_batch(new_uid):
+    uids = [new_uid() for _ in range(24)]
+    _stored_for(uids)  # 0 to 3 unsent each
+    views = inbox().logins_read(uids=uids, replay_limit=2)
+    for uid in uids:
+        assert views[uid].unsent == unsent_for_user(uid=uid, limit=2)
+        assert views[uid].unread_counts == unread_counts(uid=uid)
+    assert {len(v.unsent) for v in views.values()} == {0, 1, 2}
+    assert inbox().logins_read(uids=uids, replay_limit=0)[uids[5]].unsent == []
 
 
 def test_a_login_past_the_socket_limit_writes_no_row_and_no_presence_entry(new_uid, settings):
