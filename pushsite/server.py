@@ -52,6 +52,17 @@ a time and has one reader. ``InputQueue`` keeps what daphne and the ASGI
 HTTP requests keep daphne's own. Guarded by tests/test_server.py and every
 test that talks to real daphne.
 
+7. Build autobahn's debug log arguments only when a debug line is written.
+Every new connection pretty-prints its 30 configuration options
+(``pformat``, about 170 us) and every handshake and frame colours function
+names for the terminal (``hltype``, ``hlval``, about 3 us each) as arguments
+of ``log.debug`` calls that, with debug off, write nothing: the profile of a
+reconnect storm put the ``pformat`` alone at a fifth of the event loop's
+time (bench/README.md, storm). The three names in
+``autobahn.websocket.protocol`` are replaced by functions that return an
+object formatting itself on demand, so a debug log, when on, reads the same.
+Guarded by tests/test_server.py::test_autobahn_debug_arguments_are_built_only_when_formatted.
+
 Installed when the ASGI module is imported under daphne (pushsite/asgi.py).
 """
 
@@ -207,7 +218,48 @@ def install_close_codes() -> bool:
 
     WebSocketFactory.protocol = PushWebSocketProtocol
     _small_queues_for(PushWebSocketProtocol)
+    _lazy_debug_arguments()
     return True
+
+
+class Lazy:
+    """A log argument computed when its line is formatted, not when it is logged."""
+
+    __slots__ = ("_args", "_fn")
+
+    def __init__(self, fn: Any, args: tuple[Any, ...]) -> None:
+        self._fn = fn
+        self._args = args
+
+    def __str__(self) -> str:
+        return str(self._fn(*self._args))
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+    __repr__ = __str__
+
+
+LAZY_DEBUG_HELPERS = ("pformat", "hltype", "hlval")
+
+
+def _lazy_debug_arguments() -> None:
+    """autobahn's debug-only log arguments, built only if a debug line is written (item 7)."""
+    import autobahn.websocket.protocol as ws
+
+    for name in LAZY_DEBUG_HELPERS:
+        eager = getattr(ws, name)
+        if getattr(eager, "pushsite_lazy", False):
+            continue
+        setattr(ws, name, _lazy(eager))
+
+
+def _lazy(eager: Any) -> Any:
+    def lazy(*args: Any) -> Lazy:
+        return Lazy(eager, args)
+
+    lazy.pushsite_lazy = True  # type: ignore[attr-defined]
+    return lazy
 
 
 def _small_queues_for(protocol_class: type) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import pprint
 
 import pytest
 from websockets.exceptions import ProtocolError
@@ -104,3 +105,19 @@ async def test_a_cancelled_get_leaves_the_event_for_the_next_get():
     with contextlib.suppress(asyncio.CancelledError):
         await waiting
     assert (await asyncio.wait_for(queue.get(), 1))["type"] == "websocket.disconnect"
+
+
+def test_autobahn_debug_arguments_are_built_only_when_formatted():
+    import autobahn.websocket.protocol as ws
+
+    from pushsite.server import install_close_codes
+
+    assert install_close_codes()
+    options = [("openHandshakeTimeout", 5, "factory")]
+    argument = ws.pformat(options)
+    assert not isinstance(argument, str)  # nothing formatted yet
+    assert f"{argument}" == pprint.pformat(options)  # and when a line is written, the same text
+    name = ws.hltype(test_autobahn_debug_arguments_are_built_only_when_formatted)
+    assert "test_autobahn_debug_arguments_are_built_only_when_formatted" in str(name)
+    assert install_close_codes() and getattr(ws.hlval, "pushsite_lazy", False)  # installed once, not wrapped twice
+    assert ws.hlval(5).__str__() == ws.hlval.__closure__[0].cell_contents(5)
