@@ -340,7 +340,7 @@ class PushConsumer(AsyncConsumer):
         if closing and row_uid:
             self._row_uid = 0
             try:
-                await bridge.call(services.connection_close, uid=row_uid, conn_id=self.conn_id)
+                await logins.session_close(row_uid, self.conn_id)
             except BackendUnavailable:
                 self.hub.close_later(row_uid, self.conn_id)
         elif not closing and uid:

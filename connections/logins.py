@@ -7,7 +7,8 @@ database round trip on a thread that the next login queued behind
 (bench/README.md, storm). Here the logins waiting together go as one batch:
 one bridge call, inside it one presence pipeline, one multi-row upsert and
 the inbox's batched reads (``services.sessions_login``). Login-key look-ups are
-batched the same way (``connections.auth``).
+batched the same way (``connections.auth``), and so are the relation
+clean-ups of sockets that close together (a network blip closes them all).
 
 Admission control: when logins wait longer than ``PUSH_LOGIN_MAX_WAIT``
 seconds for their batch, a new socket is told at once to come back later
@@ -36,6 +37,7 @@ from .inbox import LoginView
 from .services import LoginRequest, TooManySockets
 
 SESSIONS = "login-sessions"
+CLOSES = "session-closes"
 
 
 async def _sessions(batch: list[LoginRequest]) -> list[LoginView | TooManySockets]:
@@ -51,9 +53,19 @@ async def session_login(request: LoginRequest) -> LoginView:
     return await _session_batcher().submit(request)
 
 
+async def _closes(batch: list[tuple[int, str]]) -> list[None]:
+    await bridge.call(services.connections_close, pairs=batch)
+    return [None] * len(batch)
+
+
+async def session_close(uid: int, conn_id: str) -> None:
+    """Remove a closed socket's row and presence entry with the others closing now; may raise BackendUnavailable."""
+    await batcher(CLOSES, _closes, max_batch=settings.PUSH_LOGIN_BATCH).submit((uid, conn_id))
+
+
 def retry_after() -> int | None:
     """Seconds a new socket should wait before it logs in, or None when logins are answered in time."""
-    batchers = loop_batchers()
+    batchers = [b for b in loop_batchers() if b.name != CLOSES]
     if not batchers or max(b.oldest_wait() for b in batchers) <= settings.PUSH_LOGIN_MAX_WAIT:
         return None
     drain = max(len(b) / max(b.rate, 1.0) for b in batchers)

@@ -191,8 +191,13 @@ def connection_logout(*, uid: int, conn_id: str) -> None:
 
 def connection_close(*, uid: int, conn_id: str) -> None:
     """Forget a socket that closed."""
-    Connection.objects.filter(conn_id=conn_id).delete()
-    presence().remove([(uid, conn_id)])
+    connections_close(pairs=[(uid, conn_id)])
+
+
+def connections_close(*, pairs: list[tuple[int, str]]) -> None:
+    """Forget a batch of closed sockets: one DELETE, one presence pipeline."""
+    Connection.objects.filter(conn_id__in=[conn_id for _, conn_id in pairs]).delete()
+    presence().remove(pairs)
 
 
 class TooManySockets(Exception):

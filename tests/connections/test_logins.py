@@ -20,7 +20,7 @@ from django.test.utils import CaptureQueriesContext
 from connections import services
 from connections.batching import Batcher, loop_batchers
 from connections.inbox import inbox
-from connections.logins import SESSIONS
+from connections.logins import CLOSES, SESSIONS
 from connections.models import Connection
 from connections.presence import presence
 from connections.protocol import ClientType, CloseCode, Code, MsgType
@@ -237,3 +237,19 @@ async def test_logins_stuck_past_the_bound_send_new_sockets_away_with_retry_afte
         assert (await sock.recv(timeout=10))["body"]["uid"] == uid  # the queued logins still go through
     fresh = await connect()
     assert (await fresh.login(f"key-{new_uid()}"))["code"] == 200  # and the node takes sockets again
+
+
+async def test_sockets_closing_together_are_cleaned_up_in_shared_batches(connect, verifier, new_uid):
+    uids = [new_uid() for _ in range(30)]
+    socks = [await connect() for _ in uids]
+    for sock, uid in zip(socks, uids, strict=True):
+        assert (await sock.login(f"key-{uid}"))["code"] == 200
+    await asyncio.gather(*(sock.communicator.disconnect(timeout=5) for sock in socks))
+
+    @database_sync_to_async
+    def left() -> tuple[int, set[int]]:
+        return Connection.objects.filter(uid__in=uids).count(), presence().online(uids)
+
+    assert await left() == (0, set())
+    closes = next(b for b in loop_batchers() if b.name == CLOSES)
+    assert closes.items >= 30 and closes.batches < closes.items
