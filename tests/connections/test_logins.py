@@ -9,6 +9,7 @@ come back later (PROTOCOL.md section 8).
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 
 import pytest
@@ -17,7 +18,7 @@ from django.conf import settings
 from django.db import connections as db_connections
 from django.test.utils import CaptureQueriesContext
 
-from connections import services
+from connections import logins, services
 from connections.batching import Batcher, loop_batchers
 from connections.inbox import inbox
 from connections.logins import CLOSES, SESSIONS
@@ -253,3 +254,23 @@ async def test_sockets_closing_together_are_cleaned_up_in_shared_batches(connect
     assert await left() == (0, set())
     closes = next(b for b in loop_batchers() if b.name == CLOSES)
     assert closes.items >= 30 and closes.batches < closes.items
+
+
+async def test_a_storm_relaxes_the_garbage_collector_until_it_is_over(
+    connect, verifier, new_uid, monkeypatch, settings
+):
+    settings.PUSH_GC_THRESHOLD = ()
+    monkeypatch.setattr(logins, "STORM_CALM_AFTER", 0.3)
+    logins._storm_over()  # an earlier test's storm ended with its event loop
+    normal = gc.get_threshold()
+    uids = [new_uid() for _ in range(logins.STORM_BATCH * 3)]
+    socks = [await connect() for _ in uids]
+    for sock, uid in zip(socks, uids, strict=True):
+        await sock.send("login", {"ukey": f"key-{uid}"})
+    for sock in socks:
+        assert (await sock.recv())["code"] == 200
+    sessions = next(b for b in loop_batchers() if b.name == SESSIONS)
+    assert sessions.batches < len(uids)
+    assert gc.get_threshold() == logins.STORM_GC_THRESHOLD
+    await asyncio.sleep(0.5)
+    assert gc.get_threshold() == normal
