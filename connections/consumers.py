@@ -277,11 +277,12 @@ class PushConsumer(AsyncConsumer):
                 services.LoginRequest(uid=uid, conn_id=self.conn_id, node=self.hub.node, client_type=body.client_type)
             )
         except BackendUnavailable as error:
-            await self._leave_session(closing=False)
+            # A failed login leaves no row: the socket stays open, anonymous.
+            await self._leave_session(closing=True, stays_open=True)
             await self.send_frame(MsgType.ERROR, code=Code.UNAVAILABLE, msg=str(error), seq=frame.seq)
             return
         except services.TooManySockets as error:
-            await self._leave_session(closing=False)
+            await self._leave_session(closing=True, stays_open=True)
             await self.send_frame(MsgType.ERROR, code=Code.TOO_MANY, msg=str(error), seq=frame.seq)
             return
         await self.send_frame(MsgType.LOGIN, uid=uid, body={"uid": uid, "unread": session.unread_counts}, seq=frame.seq)
@@ -323,8 +324,8 @@ class PushConsumer(AsyncConsumer):
         result = await bridge.call(inbox().unread, uid=self.uid, limit=body.limit, msg_type=body.msg_type)
         await self.send_frame(MsgType.UNREAD, uid=self.uid, body=result, seq=frame.seq)
 
-    async def _leave_session(self, *, closing: bool) -> None:
-        """Leave the user's delivery; mark the relation offline (logout) or delete it (close)."""
+    async def _leave_session(self, *, closing: bool, stays_open: bool = False) -> None:
+        """Leave the user's delivery; mark the relation offline (logout) or delete it (close, failed login)."""
         uid, self.uid = self.uid, 0
         self._replayed, self._replaying = None, False
         if self.hub is None or self.conn_id is None:
@@ -343,6 +344,8 @@ class PushConsumer(AsyncConsumer):
                 await logins.session_close(row_uid, self.conn_id)
             except BackendUnavailable:
                 self.hub.close_later(row_uid, self.conn_id)
+                if stays_open:
+                    self.conn_id = self.hub.renumber(self)  # as after a logout, below
         elif not closing and uid:
             try:
                 await bridge.call(services.connection_logout, uid=uid, conn_id=self.conn_id)

@@ -12,6 +12,7 @@ Guarded by tests/connections/test_relation.py and tests/faults/test_redis_restar
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import secrets
@@ -224,5 +225,14 @@ def sessions_login(*, logins: list[LoginRequest]) -> list[LoginView | TooManySoc
         accepted.append(login)
         results.append(None)
     connections_login(logins=accepted)
-    views = inbox().logins_read(uids={login.uid for login in accepted}, replay_limit=settings.PUSH_LOGIN_REPLAY_LIMIT)
+    try:
+        views = inbox().logins_read(
+            uids={login.uid for login in accepted}, replay_limit=settings.PUSH_LOGIN_REPLAY_LIMIT
+        )
+    except Exception:
+        # Each login is told it failed; none may keep a row or presence entry
+        # (the sockets retry the removal themselves if this one fails too).
+        with contextlib.suppress(Exception):
+            connections_close(pairs=[(login.uid, login.conn_id) for login in accepted])
+        raise
     return [views[login.uid] if result is None else result for login, result in zip(logins, results, strict=True)]
