@@ -141,8 +141,16 @@ else:
     _default_db = {
         "ENGINE": "django.db.backends.sqlite3",
         "NAME": VAR_DIR / "pushsite.sqlite3",
-        # WAL and a busy timeout let the server, a worker and a test share the file.
-        "OPTIONS": {"timeout": 20, "init_command": "PRAGMA journal_mode=WAL;"},
+        # WAL and a busy timeout let the server, a worker and a test share the
+        # file. IMMEDIATE takes the write lock when a transaction begins, so a
+        # writer waits out another one instead of failing at once when its read
+        # snapshot cannot be upgraded.
+        "OPTIONS": {"timeout": 20, "init_command": "PRAGMA journal_mode=WAL;", "transaction_mode": "IMMEDIATE"},
+        # A file, not Django's default shared-cache memory database: shared
+        # cache locks whole tables and ignores the busy timeout, so an inline
+        # job's thread and the test's thread failed with "database table is
+        # locked" where the embedded server (a file) would have waited.
+        "TEST": {"NAME": VAR_DIR / "test-pushsite.sqlite3"},
     }
 
 DATABASES = {"default": _default_db}
