@@ -2,14 +2,22 @@
 # Install everything pushsite needs on a Debian machine and make sure MariaDB
 # and Redis are running. Idempotent: a second run only checks.
 #   scripts/setup.sh            runtime packages
-#   scripts/setup.sh --dev      runtime + test/lint packages
+#   scripts/setup.sh --dev      runtime + test/lint packages (and nginx)
+#   scripts/setup.sh --nginx    runtime packages and nginx (scripts/serve.sh --nginx)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEV=0
-[[ "${1:-}" == "--dev" ]] && DEV=1
-
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+
+DEV=0
+NGINX=0
+for arg in "$@"; do
+  case "$arg" in
+    --dev) DEV=1 NGINX=1 ;;
+    --nginx) NGINX=1 ;;
+    *) say "unknown option: $arg (use --dev or --nginx)"; exit 2 ;;
+  esac
+done
 
 as_root() {
   if [[ $(id -u) -eq 0 ]]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
@@ -25,9 +33,10 @@ if ((DEV)); then
   # downloaded); the client's unit tests run on Node's own test runner.
   PACKAGES+=(chromium chromium-driver)
   # The two-node test runs a real nginx in front of daphne over wss.
-  PACKAGES+=(nginx openssl)
+  PACKAGES+=(openssl)
   command -v node >/dev/null 2>&1 || PACKAGES+=(nodejs)
 fi
+((NGINX)) && PACKAGES+=(nginx)
 missing=()
 for pkg in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -47,8 +56,12 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 REQ=requirements.txt
 ((DEV)) && REQ=requirements-dev.txt
-stamp=".venv/.installed-$(cat requirements.txt requirements-dev.txt | sha1sum | cut -c1-12)-$DEV"
-if [[ ! -f "$stamp" ]]; then
+# The stamp names the requirements' hash and the set installed (1: dev, which
+# includes the runtime set), so a runtime run after a dev install (serve.sh
+# after test.sh) installs nothing; a dev run after a runtime one adds the rest.
+hash=$(cat requirements.txt requirements-dev.txt | sha1sum | cut -c1-12)
+stamp=".venv/.installed-$hash-$DEV"
+if [[ ! -f ".venv/.installed-$hash-1" && ! -f "$stamp" ]]; then
   say "installing Python packages from $REQ"
   .venv/bin/python -m pip install -q --disable-pip-version-check -U pip </dev/null
   .venv/bin/python -m pip install -q --disable-pip-version-check -r "$REQ" </dev/null
