@@ -93,9 +93,16 @@ async function advance(ms) {
   await settle();
 }
 
+/** A client on fake sockets; its jitter is 0 unless a test gives `random`, so the schedule is exact. */
 function makeClient(options = {}) {
   const fetch = fakeFetch(options.config);
-  const client = new PushClient({ fetch, WebSocket: FakeSocket, baseUrl: "http://push.test", ...options });
+  const client = new PushClient({
+    fetch,
+    WebSocket: FakeSocket,
+    baseUrl: "http://push.test",
+    random: () => 0,
+    ...options,
+  });
   const states = [];
   const events = { message: [], unread: [], login: [], error: [] };
   client.addEventListener("state", (event) => states.push(event.detail));
@@ -121,6 +128,18 @@ async function loggedIn(options = {}) {
 function answerLogin(ws, uid = 42, unread = {}) {
   const login = ws.last("login");
   ws.reply({ msg_type: MsgType.LOGIN, uid, body: { uid, unread }, seq: login.seq });
+}
+
+/** What the server does with a socket it has no room for: KICK 503, then close 1013. */
+function sendAway(ws, body = { retry_after: 7 }) {
+  ws.reply({ msg_type: MsgType.KICK, code: 503, msg: "server busy; retry later", body });
+  ws.drop(1013);
+}
+
+/** random() answering the given values in turn, then the last one again. */
+function randoms(...values) {
+  let next = 0;
+  return () => values[Math.min(next++, values.length - 1)];
 }
 
 function push(ws, noceAck, msgType = MsgType.USER_NOTICE) {
@@ -517,6 +536,212 @@ describe("reconnect", () => {
     socket().open();
     assert.deepEqual(socket().sent[0].body, { ukey: "dev-42" }, "close() keeps the credentials");
   });
+});
+
+describe("reconnect jitter", () => {
+  for (const r of [0, 0.25, 0.5, 0.999999]) {
+    test(`with random() = ${r} each attempt starts within [d, 1.2 d] after the loss`, async () => {
+      const { client } = await loggedIn({ random: () => r });
+      const lossAt = Date.now();
+      socket().drop(1006);
+      for (const d of [60, 120, 180]) {
+        const offsetMs = Math.round(d * SECOND * (1 + 0.2 * r));
+        assert.ok(offsetMs >= d * SECOND && offsetMs <= 1.2 * d * SECOND, `${offsetMs} ms for ${d} s`);
+        const count = FakeSocket.all.length;
+        await advance(lossAt + offsetMs - 1 - Date.now());
+        assert.equal(FakeSocket.all.length, count, `no attempt before ${offsetMs} ms`);
+        await advance(1);
+        assert.equal(FakeSocket.all.length, count + 1, `attempt at ${offsetMs} ms`);
+        socket().drop(1006);
+        await settle();
+      }
+      assert.equal(client.state, State.GAVE_UP);
+    });
+  }
+
+  test("random() = 0.5 puts the attempts at 66, 132 and 198 s", async () => {
+    const { states } = await loggedIn({ random: () => 0.5 });
+    const lossAt = Date.now();
+    socket().drop(1006);
+    const started = [];
+    for (let attempt = 1; attempt <= 3; attempt += 1) {
+      const count = FakeSocket.all.length;
+      while (FakeSocket.all.length === count) await advance(SECOND);
+      started.push((Date.now() - lossAt) / SECOND);
+      socket().drop(1006);
+      await settle();
+    }
+    assert.deepEqual(started, [66, 132, 198]);
+    assert.deepEqual(
+      states.filter((s) => s.state === State.RECONNECTING).map((s) => s.inMs),
+      [66_000, 66_000, 66_000],
+    );
+  });
+
+  test("each attempt draws its own jitter", async () => {
+    const { states } = await loggedIn({ random: randoms(0, 0.5, 0.9) });
+    socket().drop(1006);
+    await advance(60 * SECOND);
+    socket().drop(1006);
+    await advance(132 * SECOND - 60 * SECOND);
+    socket().drop(1006);
+    const waits = states.filter((s) => s.state === State.RECONNECTING).map((s) => s.inMs);
+    assert.deepEqual(waits, [60_000, 132_000 - 60_000, 212_400 - 132_000]);
+  });
+
+  test("two clients with different random() come back at different times", async () => {
+    const early = await loggedIn({ random: () => 0.1 });
+    const late = await loggedIn({ random: () => 0.9 });
+    const earlySocket = socket(0);
+    const lateSocket = socket(1);
+    earlySocket.drop(1006);
+    lateSocket.drop(1006);
+    assert.equal(early.states.at(-1).inMs, 61_200);
+    assert.equal(late.states.at(-1).inMs, 70_800);
+    await advance(61_200);
+    assert.equal(FakeSocket.all.length, 3, "only the first client is back at 61.2 s");
+    assert.equal(early.client.state, State.RECONNECTING);
+    await advance(70_800 - 61_200);
+    assert.equal(FakeSocket.all.length, 4, "the second one at 70.8 s");
+  });
+
+  test("without a random option the jitter comes from Math.random", async (t) => {
+    t.mock.method(Math, "random", () => 0.75);
+    const { states } = await loggedIn({ random: undefined });
+    socket().drop(1006);
+    assert.equal(states.at(-1).inMs, 69 * SECOND);
+  });
+});
+
+describe("server busy (KICK 503 with retry_after, close 1013)", () => {
+  for (const r of [0, 0.5, 0.999999]) {
+    test(`retry_after 7 with random() = ${r}: the next attempt comes 7 to 8.4 s later`, async () => {
+      const { client, states, events } = await loggedIn({ random: () => r });
+      const closedAt = Date.now();
+      sendAway(socket(), { retry_after: 7 });
+      assert.equal(events.error.at(-1).code, 503);
+      assert.equal(client.state, State.RECONNECTING);
+      const { inMs, retryAfterMs, attempt, code } = states.at(-1);
+      assert.ok(inMs >= 7000 && inMs <= 8400, `waits ${inMs} ms`);
+      assert.deepEqual({ retryAfterMs, attempt, code }, { retryAfterMs: 7 * SECOND, attempt: 1, code: 1013 });
+      await advance(closedAt + 7 * SECOND - 1 - Date.now());
+      assert.equal(FakeSocket.all.length, 1, "not before 7 s");
+      await advance(closedAt + 8400 - Date.now());
+      assert.equal(FakeSocket.all.length, 2, "by 8.4 s, long before the 60 s of the schedule");
+    });
+  }
+
+  test("a socket sent away on connect() comes back after retry_after", async () => {
+    const { client } = makeClient({ random: () => 0.5 });
+    client.login({ ukey: "dev-42" });
+    await settle();
+    socket().open();
+    sendAway(socket(), { retry_after: 20 });
+    await advance(22 * SECOND - 1);
+    assert.equal(FakeSocket.all.length, 1);
+    await advance(1);
+    assert.equal(FakeSocket.all.length, 2, "20 s plus 10 %");
+    socket().open();
+    answerLogin(socket());
+    await settle();
+    assert.equal(client.state, State.LOGGED_IN);
+  });
+
+  test("a reconnect attempt sent away waits retry_after, then the schedule goes on", async () => {
+    const { client, states } = await loggedIn();
+    const lossAt = Date.now();
+    socket().drop(1006);
+    await advance(60 * SECOND);
+    socket().open();
+    sendAway(socket(), { retry_after: 7 });
+    assert.deepEqual(
+      [states.at(-1).attempt, states.at(-1).inMs],
+      [2, 7 * SECOND],
+      "attempt 2 in 7 s, not at 120 s after the loss",
+    );
+    await advance(7 * SECOND);
+    assert.equal(FakeSocket.all.length, 3);
+    socket().drop(1006); // this one fails plainly: retry_after was for one close only
+    await settle();
+    assert.equal(states.at(-1).inMs, lossAt + 180 * SECOND - Date.now(), "attempt 3 back on the schedule");
+    assert.equal(states.at(-1).retryAfterMs, undefined);
+    await advance(lossAt + 180 * SECOND - Date.now());
+    assert.equal(FakeSocket.all.length, 4);
+    assert.equal(client.state, State.RECONNECTING);
+  });
+
+  test("sent away on every attempt, a client with a key uses up its attempts", async () => {
+    const { client } = await loggedIn();
+    sendAway(socket(), { retry_after: 5 });
+    for (let attempt = 1; attempt <= 3; attempt += 1) {
+      await advance(5 * SECOND);
+      assert.equal(FakeSocket.all.length, attempt + 1, `attempt ${attempt} after 5 s`);
+      socket().open();
+      sendAway(socket(), { retry_after: 5 });
+      await settle();
+    }
+    assert.equal(client.state, State.GAVE_UP);
+    await advance(600 * SECOND);
+    assert.equal(FakeSocket.all.length, 4);
+  });
+
+  test("close 1013 without a KICK backs off on the schedule", async () => {
+    const { client, states } = await loggedIn({ random: () => 0.5 });
+    socket().drop(1013);
+    assert.equal(client.state, State.RECONNECTING);
+    assert.deepEqual([states.at(-1).code, states.at(-1).inMs], [1013, 66 * SECOND]);
+    await advance(66 * SECOND - 1);
+    assert.equal(FakeSocket.all.length, 1, "no quick retry");
+    await advance(1);
+    assert.equal(FakeSocket.all.length, 2);
+  });
+
+  for (const [name, body] of [
+    ["without retry_after (server full)", {}],
+    ["with retry_after 0", { retry_after: 0 }],
+    ["with retry_after -3", { retry_after: -3 }],
+    ['with retry_after "7"', { retry_after: "7" }],
+    ["with retry_after null", { retry_after: null }],
+  ]) {
+    test(`a KICK 503 ${name} then close 1013 follows the schedule`, async () => {
+      const { states } = await loggedIn();
+      sendAway(socket(), body);
+      assert.equal(states.at(-1).inMs, 60 * SECOND);
+      await advance(60 * SECOND - 1);
+      assert.equal(FakeSocket.all.length, 1);
+      await advance(1);
+      assert.equal(FakeSocket.all.length, 2);
+    });
+  }
+
+  test("retry_after on another KICK code is not a retry_after", async () => {
+    const { states } = await loggedIn();
+    socket().reply({ msg_type: MsgType.KICK, code: 4000, msg: "idle timeout", body: { retry_after: 7 } });
+    socket().drop(4000);
+    assert.equal(states.at(-1).inMs, 60 * SECOND);
+  });
+
+  for (const body of [{}, { retry_after: 7 }]) {
+    test(`a KICK then close 1000 stays final (body ${JSON.stringify(body)})`, async () => {
+      const { client, states, events } = await loggedIn();
+      socket().reply({ msg_type: MsgType.KICK, code: 503, msg: "session ended", body });
+      socket().drop(1000);
+      assert.equal(events.error.at(-1).code, 503);
+      assert.equal(client.state, State.CLOSED);
+      await advance(600 * SECOND);
+      assert.equal(FakeSocket.all.length, 1, "no reconnect");
+
+      // The KICK's retry_after does not outlive its socket: a later loss uses the schedule.
+      client.connect();
+      await settle();
+      socket().open();
+      answerLogin(socket());
+      await settle();
+      socket().drop(1006);
+      assert.equal(client.state, State.RECONNECTING);
+      assert.equal(states.at(-1).inMs, 60 * SECOND);
+    });
+  }
 });
 
 describe("messages and acks", () => {

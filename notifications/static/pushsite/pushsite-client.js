@@ -11,9 +11,13 @@
  *   received restarts that timer;
  * - an unanswered heartbeat is sent once more after heartbeatTimeoutMs, and
  *   after another heartbeatTimeoutMs of silence the socket counts as dead;
- * - after a loss, reconnect attempt n starts reconnectDelaysMs[n-1] after the
- *   moment of the loss (never before, never two at once); when all attempts
- *   failed the state is "gave-up" and nothing is tried until connect();
+ * - after a loss, reconnect attempt n starts reconnectDelaysMs[n-1], stretched by
+ *   a random 0 to 20 %, after the moment of the loss (never before, never two
+ *   at once); when all attempts failed the state is "gave-up" and nothing is
+ *   tried until connect();
+ * - after a KICK 503 with body.retry_after, the next attempt starts retry_after
+ *   seconds (plus the same jitter) after the close instead, and still counts as
+ *   one of the attempts; a close 1000 stays final, whatever the KICK said;
  * - a refused login is retried every loginRetryMs until it succeeds; after a
  *   reconnect the client logs in again and fetches the unread list;
  * - GET /api/push/config is read at most once per configTtlMs;
@@ -50,6 +54,9 @@ const WS_OPEN = 1; // WebSocket.OPEN, written out so a replacement class needs n
 const MAX_ACKS_PER_FRAME = 500; // the server refuses longer noce_acks lists
 const MIN_CONFIG_TTL_MS = 5 * 60 * 1000;
 const MAX_CONFIG_TTL_MS = 10 * 60 * 1000;
+// Up to this fraction is added to every reconnect delay, so that the clients a
+// restart dropped together do not all come back in the same second.
+const RECONNECT_JITTER = 0.2;
 
 /** Timing options, their protocol defaults, and the /api/push/config key (seconds) behind each. */
 const TIMINGS = {
@@ -80,11 +87,17 @@ export class PushError extends Error {
   }
 }
 
+/** The wait a KICK 503 asks for (body.retry_after, seconds) in ms, or null when it names none. */
+function kickRetryAfterMs(frame) {
+  const seconds = frame.code === 503 ? frame.body?.retry_after : undefined;
+  return typeof seconds === "number" && Number.isFinite(seconds) && seconds > 0 ? seconds * 1000 : null;
+}
+
 export class PushClient extends EventTarget {
   /**
    * @param {object} [options] baseUrl, wsUrl, timings in milliseconds (see
    *   DEFAULTS), unreadLimit, dedupeSize, and the injection points fetch,
-   *   WebSocket, setTimeout, clearTimeout and now.
+   *   WebSocket, setTimeout, clearTimeout, now and random (like Math.random).
    */
   constructor(options = {}) {
     super();
@@ -95,6 +108,7 @@ export class PushClient extends EventTarget {
     this._setTimeout = options.setTimeout ?? ((fn, ms) => globalThis.setTimeout(fn, ms));
     this._clearTimeout = options.clearTimeout ?? ((id) => globalThis.clearTimeout(id));
     this._now = options.now ?? (() => Date.now());
+    this._random = options.random ?? (() => Math.random());
 
     this._state = State.CLOSED;
     this._config = null;
@@ -112,6 +126,7 @@ export class PushClient extends EventTarget {
     this._acksInFlight = new Set();
     this._lossAt = null; // when the current loss began; null while connected
     this._attempt = 0; // reconnect attempts made since _lossAt
+    this._retryAfterMs = null; // a KICK's retry_after, for the close that follows it
     this._heartbeatsUnanswered = 0;
     this._loginInFlight = false;
     this._timers = { heartbeat: null, reconnect: null, loginRetry: null, connect: null };
@@ -143,6 +158,7 @@ export class PushClient extends EventTarget {
     this._dropSocket(); // a reconnect attempt under way is replaced, not left open beside the new one
     this._lossAt = null;
     this._attempt = 0;
+    this._retryAfterMs = null;
     this._setState(State.CONNECTING);
     this._open();
   }
@@ -209,6 +225,7 @@ export class PushClient extends EventTarget {
     for (const name of Object.keys(this._timers)) this._clearTimer(name);
     this._lossAt = null;
     this._attempt = 0;
+    this._retryAfterMs = null;
     this._dropSocket(1000, "client closed");
     this._setState(State.CLOSED);
   }
@@ -313,6 +330,7 @@ export class PushClient extends EventTarget {
     if (event.code === 1000 && !wasOpening) {
       this._wanted = false;
       this._lossAt = null;
+      this._retryAfterMs = null;
       this._setState(State.CLOSED, { code: event.code, reason: event.reason });
       return;
     }
@@ -322,6 +340,8 @@ export class PushClient extends EventTarget {
   /** The connection is gone (or an attempt failed): schedule the next attempt, or give up. */
   _lost(reason, code) {
     this._stopSession(reason);
+    const retryAfterMs = this._retryAfterMs;
+    this._retryAfterMs = null; // it answers this close only
     if (!this._wanted) {
       this._setState(State.CLOSED, { reason });
       return;
@@ -337,9 +357,16 @@ export class PushClient extends EventTarget {
       return;
     }
     // Attempts are timed from the loss, not from each other: 60, 120, 180 s after it.
-    const waitMs = Math.max(0, this._lossAt + delays[this._attempt] - this._now());
+    // A server that is too busy to log us in says when to come back; that replaces
+    // the schedule for this attempt, earlier or later.
+    const from = retryAfterMs === null ? this._lossAt : this._now();
+    const delayMs = retryAfterMs ?? delays[this._attempt];
+    const jitterMs = Math.round(delayMs * RECONNECT_JITTER * this._random());
+    const waitMs = Math.max(0, from + delayMs + jitterMs - this._now());
     this._attempt += 1;
-    this._setState(State.RECONNECTING, { attempt: this._attempt, of: delays.length, inMs: waitMs, reason, code });
+    const detail = { attempt: this._attempt, of: delays.length, inMs: waitMs, reason, code };
+    if (retryAfterMs !== null) detail.retryAfterMs = retryAfterMs;
+    this._setState(State.RECONNECTING, detail);
     this._setTimer("reconnect", waitMs, () => this._open());
   }
 
@@ -427,6 +454,7 @@ export class PushClient extends EventTarget {
       return;
     }
     if (frame.msg_type === MsgType.KICK) {
+      this._retryAfterMs = kickRetryAfterMs(frame);
       this._emit("error", { code: frame.code, msg: frame.msg, frame });
       return;
     }
