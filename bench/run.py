@@ -14,10 +14,14 @@ clients in a separate process, and measures:
 3. personal push latency, signed API call -> frame at the client, at a fixed
    rate with storage in MariaDB on, the API answered by daphne and then by an
    API node (uvicorn + httptools), the sockets on daphne both times;
-4. system broadcast storage: shard rows per second for 100k online users.
+4. a reconnect storm (bench/storm.py): N sockets log in, the daphne is
+   killed and started again, all N log in again; logins/s of both waves
+   against the reference, and every message pushed while it was down must
+   arrive once;
+5. system broadcast storage: shard rows per second for 100k online users.
 
 Prints a table, writes bench/results/bench.json and bench.md, and exits
-non-zero when clients lose messages.
+non-zero when clients lose messages or get one twice.
 """
 
 from __future__ import annotations
@@ -58,15 +62,15 @@ IN_FLIGHT = 64
 achieved: list[float] = []
 
 
-def prepare_database() -> None:
-    """A fresh database of the benchmark's own, migrated, with the shard tables.
+def prepare_database(name: str = BENCH_DB) -> None:
+    """A fresh database of the benchmark's own (``name``), migrated, with the shard tables.
 
     Fresh each run: rows an interrupted run left unsent would be replayed at
     login and counted as extra frames.
     """
     subprocess.run(
         ["mysql", "--protocol=tcp", "-h127.0.0.1", "-uroot", "-e",
-         f"DROP DATABASE IF EXISTS {BENCH_DB}; CREATE DATABASE {BENCH_DB}"],
+         f"DROP DATABASE IF EXISTS {name}; CREATE DATABASE {name}"],
         check=True,
     )  # fmt: skip
     env = {**os.environ, "DATABASE_URL": os.environ["DATABASE_URL"], "PUSH_ENV": "local"}
@@ -317,7 +321,8 @@ def storage_case(users: int, batch: int) -> dict[str, object]:
 # --- report -------------------------------------------------------------------------
 
 
-def report(fanout: list[dict], latency: list[dict], storage: dict, smoke: bool) -> str:
+def report(fanout: list[dict], latency: list[dict], storm: list[str], storage: dict, smoke: bool) -> str:
+    """The Markdown tables; ``storm`` is bench/storm.py's section, already written out."""
     ref = {row["sockets"]: row for row in fanout if row["path"] == "reference"}
     lines = [
         "## Connect, memory and broadcast fan-out",
@@ -352,6 +357,7 @@ def report(fanout: list[dict], latency: list[dict], storage: dict, smoke: bool) 
         f"| {row['api_cpu_ms_per_push']} | {row['server_cpu_ms_per_push']} |"
         for row in latency
     ]
+    lines += ["", *storm]
     lines += [
         "",
         "## System broadcast storage",
@@ -373,11 +379,16 @@ def main() -> int:
     parser.add_argument("--broadcasts", type=int, default=20)
     parser.add_argument("--stock-up-to", type=int, default=5000, help="largest size for the slow stock path")
     parser.add_argument("--rate", type=int, default=500, help="personal pushes per second")
+    parser.add_argument("--storm-sizes", type=int, nargs="+", default=[3000, 10000], help="sockets per storm")
     parser.add_argument("--storage-users", type=int, default=100_000)
     parser.add_argument("--out", default="bench")
     args = parser.parse_args()
+    # Here, not at the top: bench/storm.py imports this module (its API node and database set-up).
+    from bench import storm as storm_bench
+
     if args.smoke:
         args.sizes, args.broadcasts, args.stock_up_to, args.rate, args.storage_users = [50], 3, 50, 50, 500
+        args.storm_sizes = [50]
     os.environ.setdefault("DATABASE_URL", f"mysql://root@127.0.0.1:3306/{BENCH_DB}")
     os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/2")
     os.environ["PUSH_ENV"] = "local"
@@ -399,13 +410,21 @@ def main() -> int:
     for api in ("daphne", "uvicorn"):
         latency.append(latency_case(min(args.sizes[0], 1000), args.rate, 4 if args.smoke else 10, api))
         progress(f"latency ({api} API): p50 {latency[-1]['p50_ms']} ms, p99 {latency[-1]['p99_ms']} ms")
+    # Before storage: that case clears the relation table, rows of the killed daphne included.
+    storm = [row for sockets in args.storm_sizes for row in storm_bench.storm_case(sockets)]
     storage = storage_case(args.storage_users, 5000 if not args.smoke else 100)
     progress(f"storage: {storage['rows_per_s']} rows/s")
 
-    table = report(fanout, latency, storage, args.smoke)
+    table = report(fanout, latency, storm_bench.report(storm), storage, args.smoke)
     (RESULTS / f"{args.out}.json").write_text(
         json.dumps(
-            {"fanout": fanout, "latency": latency, "storage": storage, "seconds": round(time.monotonic() - started)},
+            {
+                "fanout": fanout,
+                "latency": latency,
+                "storm": storm,
+                "storage": storage,
+                "seconds": round(time.monotonic() - started),
+            },
             indent=2,
         )
     )
@@ -415,10 +434,12 @@ def main() -> int:
     # Both ways are failures: frames missing, or frames delivered twice.
     wrong = [row for row in fanout if row["path"] != "layer" and row["lost"] != 0]
     latency_lost = [(row["api"], row["lost"]) for row in latency if row["lost"] != 0 or row["api_errors"]]
-    if wrong or latency_lost or storage["rows"] != args.storage_users:
+    storm_wrong = storm_bench.storm_failures(storm)
+    if wrong or latency_lost or storm_wrong or storage["rows"] != args.storage_users:
         print(
             f"FAILED: fan-out off by {[(r['path'], r['sockets'], r['lost']) for r in wrong]}, "
             f"latency off by {latency_lost} (errors: {[row['api_errors'] for row in latency]}), "
+            f"storm: {storm_wrong or 'ok'}, "
             f"{storage['rows']} of {args.storage_users} rows stored",
             file=sys.stderr,
         )
