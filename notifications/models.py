@@ -118,3 +118,28 @@ class ScheduleRun(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} {self.state} at {self.started_at:%Y-%m-%d %H:%M:%S}"
+
+
+class PushRequest(models.Model):
+    """An accepted push request, by its idempotency key: what makes a retry or a replay store nothing.
+
+    ``key`` is ``key:<Idempotency-Key>``, or ``sig:<X-Push-Signature>`` for a
+    request without one. A row with no ``status`` is a request still being
+    answered; once answered it holds the answer, returned again to a retry.
+    Kept in the database, not Redis, so the guarantee survives Redis losing
+    what it held.
+    """
+
+    scope = models.CharField(max_length=100, help_text="the API path")
+    key = models.CharField(max_length=200)
+    fingerprint = models.CharField(max_length=64, help_text="SHA-256 of the request body")
+    status = models.SmallIntegerField(null=True, blank=True)
+    answer = models.JSONField(null=True, blank=True)
+    created_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        db_table = "push_request"
+        constraints = [models.UniqueConstraint(fields=["scope", "key"], name="push_request_scope_key")]
+
+    def __str__(self) -> str:
+        return f"{self.scope} {self.key[:40]}"

@@ -11,14 +11,16 @@ Invariants:
 * running a job twice, or resuming one cut off, stores no duplicate row: its
   noce_acks are derived from the job id and the uid, and a batch is stored
   with INSERT IGNORE on the unique noce_ack, so no row is read first;
+* a request run twice (notifications.idempotency) stores nothing twice: given
+  a seed, its noce_acks and its job id are derived from it;
 * a job is queued again only after ``older_than`` seconds without progress,
   not while a worker moves it on batch by batch;
 * an admin resend publishes rows that exist, under their own noce_acks, and
   never a row the user has read.
 
 Guarded by tests/notifications/test_api.py, tests/notifications/test_delivery.py,
-tests/notifications/test_periodic.py, tests/notifications/test_admin.py (resend) and
-tests/faults/test_kills.py (a node or a worker killed mid-job).
+tests/notifications/test_periodic.py, tests/notifications/test_admin.py (resend),
+tests/notifications/test_idempotency.py and tests/faults/test_kills.py (a node or a worker killed mid-job).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from typing import Any
 import redis
 from celery import current_app
 from django.conf import settings
-from django.db import close_old_connections, transaction
+from django.db import IntegrityError, close_old_connections, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -44,10 +46,11 @@ from connections.protocol import MsgType
 from connections.selectors import online_uid_batches
 from pushsite.errors import BackendUnavailable
 
+from .idempotency import seeded_job_id, seeded_noce_ack
 from .models import JobState, PushJob
 from .publish import publish_stored
 from .selectors import still_unread_of_type
-from .sharding import message_model
+from .sharding import message_model, shard_of
 from .store import NewMessage, messages_store, messages_store_batch
 
 log = logging.getLogger(__name__)
@@ -62,11 +65,25 @@ class InlineResult:
     noce_acks: dict[int, str]
 
 
-def notifications_push(*, msg_type: MsgType, uids: list[int], body: dict[str, Any], from_uid: int) -> InlineResult:
-    """Store one notification per uid, then publish it to whoever is online."""
+def notifications_push(
+    *, msg_type: MsgType, uids: list[int], body: dict[str, Any], from_uid: int, seed: str | None = None
+) -> InlineResult:
+    """Store one notification per uid, then publish it to whoever is online.
+
+    With a ``seed`` (notifications.idempotency) each noce_ack is derived from
+    it and the uid, and a message whose noce_ack is stored already is not
+    stored again: a request run a second time stores nothing twice.
+    """
     bus.check_available()
-    messages = [NewMessage(to_uid=uid, msg_type=msg_type, body=body, from_uid=from_uid) for uid in uids]
-    stored = messages_store(messages=messages)
+    if seed is None:
+        messages = [NewMessage(to_uid=uid, msg_type=msg_type, body=body, from_uid=from_uid) for uid in uids]
+        stored = messages_store(messages=messages)
+    else:
+        messages = [
+            NewMessage(to_uid=uid, msg_type=msg_type, body=body, from_uid=from_uid, noce_ack=seeded_noce_ack(seed, uid))
+            for uid in uids
+        ]
+        stored = _store_seeded(messages)
     try:
         sent = publish_stored(messages=messages)
     except (BackendUnavailable, redis.RedisError) as error:
@@ -78,12 +95,45 @@ def notifications_push(*, msg_type: MsgType, uids: list[int], body: dict[str, An
     return InlineResult(stored=stored, sent=sent, noce_acks={m.to_uid: m.noce_ack for m in messages})
 
 
-def push_job_create(*, msg_type: MsgType, uids: list[int] | None, body: dict[str, Any], from_uid: int) -> PushJob:
-    """Accept a push for a worker: the job is durable before it is queued."""
+def _store_seeded(messages: list[NewMessage]) -> int:
+    """Store messages with derived noce_acks; the ones stored already (an earlier run) are skipped."""
+    if len(messages) > 1:
+        return messages_store(messages=messages, ignore_existing=True)
+    # One row stays one INSERT, the common case's single round trip; a clash
+    # on the unique noce_ack means an earlier run stored it.
+    try:
+        return messages_store(messages=messages)
+    except IntegrityError:
+        (message,) = messages
+        if message_model(shard_of(message.to_uid)).objects.filter(noce_ack=message.noce_ack).exists():
+            return 0
+        raise
+
+
+def push_job_create(
+    *,
+    msg_type: MsgType,
+    uids: list[int] | None,
+    body: dict[str, Any],
+    from_uid: int,
+    seed: str | None = None,
+) -> PushJob:
+    """Accept a push for a worker: the job is durable before it is queued.
+
+    With a ``seed`` the job's id is derived from it; when that job exists (an
+    earlier run of the same request), it is the answer and nothing new is
+    queued: a job left unfinished is queued again by push_jobs_requeue_stale.
+    """
     bus.check_available()
-    with transaction.atomic():
-        job = PushJob.objects.create(id=uuid.uuid4(), msg_type=int(msg_type), from_uid=from_uid, body=body, uids=uids)
-        transaction.on_commit(lambda: push_job_enqueue(job_id=job.id))
+    job_id = uuid.uuid4() if seed is None else seeded_job_id(seed)
+    try:
+        with transaction.atomic():
+            job = PushJob.objects.create(id=job_id, msg_type=int(msg_type), from_uid=from_uid, body=body, uids=uids)
+            transaction.on_commit(lambda: push_job_enqueue(job_id=job.id))
+    except IntegrityError:
+        if seed is None:
+            raise
+        return PushJob.objects.get(id=job_id)
     return job
 
 

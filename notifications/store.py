@@ -115,7 +115,8 @@ def messages_store(*, messages: list[NewMessage], ignore_existing: bool = False)
     """Store messages in their shards, all or nothing; returns rows written.
 
     ``ignore_existing`` skips rows whose noce_ack is already stored, which
-    makes a retried run with derived noce_acks idempotent.
+    makes a retried run with derived noce_acks idempotent; a failed push
+    undoes only the rows it wrote.
     """
     now = timezone.now()
     by_shard: dict[int, list[Any]] = defaultdict(list)
@@ -165,14 +166,15 @@ def messages_store(*, messages: list[NewMessage], ignore_existing: bool = False)
                     if ignore_existing:
                         acks = [row.noce_ack for row in rows]
                         existing = set(model.objects.filter(noce_ack__in=acks).values_list("noce_ack", flat=True))
-                        rows = [row for row in rows if row.noce_ack not in existing]
+                        # Only the rows written here are undone if the push fails.
+                        rows = by_shard[shard] = [row for row in rows if row.noce_ack not in existing]
                     model.objects.bulk_create(rows, batch_size=1000, ignore_conflicts=ignore_existing)
                     written += len(rows)
                 # Only the commit is left, and an error from here on may follow a
                 # commit the server did: a stopped MariaDB drops the reply.
                 committed.append(alias)
     except DatabaseError:
-        if committed and not ignore_existing:
+        if committed:
             _compensate(by_alias, by_shard, committed)
         raise
     return written

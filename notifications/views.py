@@ -36,7 +36,8 @@ from connections import bridge
 from connections.protocol import MAX_UNREAD_LIMIT, MsgType
 from pushsite.errors import BackendUnavailable
 
-from . import envelopes, services
+from . import envelopes, idempotency, services
+from .idempotency import Answer
 from .models import PushJob
 from .signing import check_signature
 
@@ -55,6 +56,9 @@ def api_response(status: int, msg: str, data: dict[str, Any] | None = None) -> J
     if data is not None:
         payload["data"] = data
     return JsonResponse(payload, status=status, json_dumps_params={"ensure_ascii": False})
+
+
+PushHandler = Callable[[bytes, str], idempotency.Answer]  # (raw body, seed) -> answer
 
 
 def api_view(*, method: str, signed: bool = True) -> Callable[[Callable[..., JsonResponse]], Any]:
@@ -77,7 +81,9 @@ def api_view(*, method: str, signed: bool = True) -> Callable[[Callable[..., Jso
                 timestamp=request.headers.get("X-Push-Timestamp") if signed else None,
                 signature=request.headers.get("X-Push-Signature") if signed else None,
                 signed=signed,
+                idempotency_key=request.headers.get("Idempotency-Key"),
                 run=lambda raw: view(request, *args, **kwargs),
+                push=getattr(view, "push_handler", None),
             )
 
         @csrf_exempt
@@ -100,9 +106,15 @@ def checked_call(
     timestamp: str | None,
     signature: str | None,
     signed: bool,
-    run: Callable[[bytes], JsonResponse],
+    run: Callable[[bytes], JsonResponse] | None = None,
+    push: PushHandler | None = None,
+    idempotency_key: str | None = None,
 ) -> JsonResponse:
-    """What every API request goes through, whichever way it came in (Django or ``PushApiApp``)."""
+    """What every API request goes through, whichever way it came in (Django or ``PushApiApp``).
+
+    A ``push`` is run once per Idempotency-Key (or, without one, per
+    signature): a retry or a replay gets the first answer again.
+    """
     if method != allowed:
         response = api_response(405, f"method {method} not allowed; use {allowed}")
         response["Allow"] = allowed
@@ -125,9 +137,27 @@ def checked_call(
             )
             if problem:
                 raise ApiError(401, problem)
-        return run(raw)
+        if push is None:
+            assert run is not None
+            return run(raw)
+        answer = idempotency.push_once(
+            scope=path,
+            header=idempotency_key,
+            signature=signature,
+            body=raw,
+            run=lambda seed: push(raw, seed),
+        )
+        return api_response(answer.status, answer.msg, answer.data)
     except ApiError as error:
         return api_response(error.status, error.msg)
+    except idempotency.InvalidKey as error:
+        return api_response(400, str(error))
+    except idempotency.KeyConflict as error:
+        return api_response(409, str(error))
+    except idempotency.StillAnswering as error:
+        response = api_response(503, str(error))
+        response["Retry-After"] = "1"
+        return response
     except RequestDataTooBig:
         return api_response(413, f"request body larger than {settings.PUSH_API_MAX_REQUEST_BYTES} bytes")
     except (BackendUnavailable, DatabaseError, redis.RedisError) as error:
@@ -153,14 +183,16 @@ def parse_body(raw: bytes, envelope: type[BaseModel]) -> Any:
         raise ApiError(400, envelopes.describe(error)) from None
 
 
-def _targeted_push(raw: bytes, envelope: type[envelopes._Targeted], msg_type: MsgType) -> JsonResponse:
+def _targeted_push(raw: bytes, seed: str, envelope: type[envelopes._Targeted], msg_type: MsgType) -> Answer:
     push = parse_body(raw, envelope)
     uids = push.targets
     if len(uids) > settings.PUSH_API_INLINE_MAX_UIDS:
-        job = services.push_job_create(msg_type=msg_type, uids=uids, body=push.body, from_uid=push.from_uid)
-        return api_response(202, "ACCEPTED", {"job_id": str(job.id), "uids": len(uids)})
-    result = services.notifications_push(msg_type=msg_type, uids=uids, body=push.body, from_uid=push.from_uid)
-    return api_response(
+        job = services.push_job_create(msg_type=msg_type, uids=uids, body=push.body, from_uid=push.from_uid, seed=seed)
+        return Answer(202, "ACCEPTED", {"job_id": str(job.id), "uids": len(uids)})
+    result = services.notifications_push(
+        msg_type=msg_type, uids=uids, body=push.body, from_uid=push.from_uid, seed=seed
+    )
+    return Answer(
         200,
         "SUCCESS",
         {
@@ -171,36 +203,38 @@ def _targeted_push(raw: bytes, envelope: type[envelopes._Targeted], msg_type: Ms
     )
 
 
-def _user_message(raw: bytes) -> JsonResponse:
-    return _targeted_push(raw, envelopes.UserMessage, MsgType.USER_NOTICE)
-
-
-def _comment_message(raw: bytes) -> JsonResponse:
-    return _targeted_push(raw, envelopes.CommentMessage, MsgType.COMMENT)
-
-
-def _system_message(raw: bytes) -> JsonResponse:
-    push = parse_body(raw, envelopes.SystemMessage)
-    job = services.push_job_create(msg_type=MsgType.SYSTEM_NOTICE, uids=None, body=push.body, from_uid=0)
-    return api_response(202, "ACCEPTED", {"job_id": str(job.id), "uids": None})
-
-
-@api_view(method="POST")
-def user_message(request: HttpRequest) -> JsonResponse:
+def _user_message(raw: bytes, seed: str) -> Answer:
     """A personal notice (msg_type 7) to each uid."""
-    return _user_message(request.body)
+    return _targeted_push(raw, seed, envelopes.UserMessage, MsgType.USER_NOTICE)
 
 
-@api_view(method="POST")
-def comment_message(request: HttpRequest) -> JsonResponse:
+def _comment_message(raw: bytes, seed: str) -> Answer:
     """A comment notification (msg_type 5) to each uid."""
-    return _comment_message(request.body)
+    return _targeted_push(raw, seed, envelopes.CommentMessage, MsgType.COMMENT)
 
 
-@api_view(method="POST")
-def system_message(request: HttpRequest) -> JsonResponse:
+def _system_message(raw: bytes, seed: str) -> Answer:
     """A system notice (msg_type 6) to every online user, as a job."""
-    return _system_message(request.body)
+    push = parse_body(raw, envelopes.SystemMessage)
+    job = services.push_job_create(msg_type=MsgType.SYSTEM_NOTICE, uids=None, body=push.body, from_uid=0, seed=seed)
+    return Answer(202, "ACCEPTED", {"job_id": str(job.id), "uids": None})
+
+
+def push_view(handler: PushHandler) -> Any:
+    """The Django route of a push endpoint: the same checks and the same handler as ``PushApiApp``'s."""
+
+    def view(request: HttpRequest) -> JsonResponse:
+        raise AssertionError("a push view is answered by its push_handler")  # pragma: no cover
+
+    view.push_handler = handler  # type: ignore[attr-defined]
+    view.__name__ = handler.__name__.lstrip("_")
+    view.__doc__ = handler.__doc__
+    return api_view(method="POST")(view)
+
+
+user_message = push_view(_user_message)
+comment_message = push_view(_comment_message)
+system_message = push_view(_system_message)
 
 
 @api_view(method="GET")
@@ -267,7 +301,7 @@ def api_not_found(request: HttpRequest) -> JsonResponse:
 
 # The signed push endpoints, served by ``PushApiApp``; the Django routes in
 # notifications/urls.py stay, for anything that calls Django directly.
-FAST_ROUTES: dict[str, Callable[[bytes], JsonResponse]] = {
+FAST_ROUTES: dict[str, PushHandler] = {
     "/api/notice/userMessage": _user_message,
     "/api/comment/message": _comment_message,
     "/api/notice/systemMessage": _system_message,
@@ -336,7 +370,8 @@ def _fast_handle(*, path: str, method: str, headers: dict[str, str], body: bytes
         timestamp=headers.get("x-push-timestamp"),
         signature=headers.get("x-push-signature"),
         signed=True,
-        run=FAST_ROUTES[path],
+        idempotency_key=headers.get("idempotency-key"),
+        push=FAST_ROUTES[path],
     )
 
 

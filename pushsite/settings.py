@@ -304,6 +304,13 @@ PUSH_JOBS = env_str("PUSH_JOBS", "celery" if (REDIS_URL or env_str("CELERY_BROKE
 if PUSH_JOBS not in {"celery", "inline"}:
     raise ImproperlyConfigured(f"PUSH_JOBS must be celery or inline, got {PUSH_JOBS!r}")
 PUSH_JOB_BATCH = env_int("PUSH_JOB_BATCH", 1000)
+# Exactly-once pushes (notifications/idempotency.py): how long an accepted
+# Idempotency-Key is answered as a duplicate, how long a retry waits for a
+# first request with its key still being answered, and after how long such an
+# unanswered claim counts as abandoned (its server died) and is taken over.
+PUSH_IDEMPOTENCY_TTL = env_int("PUSH_IDEMPOTENCY_TTL", 86400)
+PUSH_IDEMPOTENCY_WAIT = float(env_str("PUSH_IDEMPOTENCY_WAIT", "5"))
+PUSH_IDEMPOTENCY_CLAIM_TIMEOUT = env_int("PUSH_IDEMPOTENCY_CLAIM_TIMEOUT", 30)
 # Unsent messages delivered at login, oldest first; the rest wait for the next run.
 PUSH_LOGIN_REPLAY_LIMIT = env_int("PUSH_LOGIN_REPLAY_LIMIT", 100)
 # Logins that wait together are written and read as one batch (connections/logins.py).

@@ -145,7 +145,8 @@ class Pushes:
     """Every push sent, and what the API answered."""
 
     def __init__(self, port: int) -> None:
-        self.api = PushClient(f"http://127.0.0.1:{port}", secret=settings.PUSH_API_SECRET, timeout=10)
+        # retries=0: the test counts every 503 the outage gives.
+        self.api = PushClient(f"http://127.0.0.1:{port}", secret=settings.PUSH_API_SECRET, timeout=10, retries=0)
         self.acked: dict[int, dict[str, int]] = defaultdict(dict)  # uid -> noce_ack -> n
         self.refused: list[tuple[int, float]] = []  # (status, seconds it took)
         self.sent = 0
