@@ -26,6 +26,8 @@ from notifications.sharding import SHARD_COUNT, message_model  # noqa: E402
 from notifications.views import PushApiApp  # noqa: E402
 from pushsite.server import install_close_codes  # noqa: E402
 
+# Checks the daphne, autobahn and Twisted versions each patch was written for
+# first: on a mismatch this raises, and neither daphne nor uvicorn starts.
 install_close_codes()
 
 # The 128 shard models (about 1.3 MB, 30 ms) are built once per process: at

@@ -1,4 +1,4 @@
-"""daphne, with three things its WebSocket protocol does not do by itself.
+"""daphne, with seven things its WebSocket protocol does not do by itself.
 
 1. Close with the registered codes the contract uses. autobahn (daphne's
 WebSocket library) lets an application close only with 1000 or 3000-4999, so
@@ -63,14 +63,29 @@ time (bench/README.md, storm). The three names in
 object formatting itself on demand, so a debug log, when on, reads the same.
 Guarded by tests/test_server.py::test_autobahn_debug_arguments_are_built_only_when_formatted.
 
-Installed when the ASGI module is imported under daphne (pushsite/asgi.py).
+Each item has an entry in ``PATCHES``: the versions of daphne, autobahn and
+Twisted it was written for, the upstream names it replaces or relies on, the
+upstream behaviour it replaces and when a later version could drop it.
+``install_close_codes`` installs them when the ASGI module is imported
+(pushsite/asgi.py, on daphne and on API nodes), and first runs
+``check_patches``: another version, or an upstream name missing or changed
+under the same version number, raises ``PatchVersionError`` naming the patch,
+so the server does not start. There is no switch to start anyway: a patch on
+internals it was not written for fails quietly (bytes out of order, a bound
+never enforced), which is worse than not starting. Guarded by
+tests/test_server.py (test_the_installed_versions_pass_the_check and the
+tests after it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
+import importlib.metadata
+import inspect
 import logging
 import struct
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -84,6 +99,221 @@ log = logging.getLogger("pushsite.server")
 
 # Registered codes a server may send (RFC 6455 section 7.4.1, IANA registry).
 SERVER_CLOSE_CODES = frozenset({1001, 1008, 1011, 1012, 1013})
+
+
+class PatchVersionError(RuntimeError):
+    """The installed daphne, autobahn or Twisted is not what a patch was written for."""
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """A name in an upstream module that a patch replaces or relies on."""
+
+    path: str  # "module:Qual.name"
+    params: tuple[str, ...] | None = None  # its parameters, where the patch overrides or calls it
+    uses: tuple[str, ...] = ()  # names its code reads or sets (co_names): instance attributes, globals
+    replaced: bool = False  # the patch puts its own in place of this one
+
+    def problem(self) -> str | None:
+        """Why this name is not what the patch was written against, or None."""
+        module_name, _, qualname = self.path.partition(":")
+        try:
+            obj: Any = importlib.import_module(module_name)
+        except Exception as error:  # any failure to import means the patch cannot stand
+            return f"{self.path}, and {module_name} does not import ({error!r})"
+        for part in qualname.split("."):
+            if not hasattr(obj, part):
+                return f"{self.path}, which is not there"
+            obj = getattr(obj, part)
+        # A name replaced in place keeps upstream's as __wrapped__: check that one.
+        obj = inspect.unwrap(obj)
+        if self.params is not None:
+            found = tuple(inspect.signature(obj).parameters)
+            if found != self.params:
+                return f"{self.path}({', '.join(self.params)}), and it takes ({', '.join(found)})"
+        if self.uses:
+            code = getattr(obj, "__code__", None)
+            absent = [name for name in self.uses if code is None or name not in code.co_names]
+            if absent:
+                return f"{self.path} to use {', '.join(absent)}, and it does not"
+        return None
+
+
+@dataclass(frozen=True)
+class Patch:
+    """One numbered item of this module's docstring: what it was written for, and when it can go."""
+
+    number: int
+    name: str
+    written_for: dict[str, tuple[str, ...]]  # distribution -> versions the patch was checked against
+    replaces: str
+    drop_when: str
+    upstream: tuple[Upstream, ...]
+
+
+DAPHNE = ("4.2.3",)
+AUTOBAHN = ("26.11.1",)
+TWISTED = ("26.10.0",)
+
+_SERVER_SEND = Upstream("daphne.ws_protocol:WebSocketProtocol.serverSend", ("self", "content", "binary"), replaced=True)
+# pending_bytes reads Twisted's write buffer; were it renamed, it would read 0 for ever.
+_WRITE_BUFFER = (
+    Upstream("twisted.internet.abstract:FileDescriptor.dataBuffer"),
+    Upstream("twisted.internet.abstract:FileDescriptor.offset"),
+    Upstream("twisted.internet.abstract:FileDescriptor.__init__", uses=("_tempDataLen",)),
+)
+_WS = "autobahn.websocket.protocol"
+
+PATCHES = (
+    Patch(
+        1,
+        "registered close codes",
+        {"daphne": DAPHNE, "autobahn": AUTOBAHN},
+        replaces="daphne's serverClose calls autobahn's sendClose, which refuses every code but 1000 and 3000-4999",
+        drop_when="autobahn's sendClose accepts the registered codes a server may send (1001, 1008, 1011-1013)",
+        upstream=(
+            Upstream("daphne.ws_protocol:WebSocketFactory.protocol", replaced=True),
+            Upstream("daphne.ws_protocol:WebSocketProtocol.serverClose", ("self", "code"), replaced=True),
+            Upstream(f"{_WS}:WebSocketProtocol.sendCloseFrame", ("self", "code", "reasonUtf8", "isReply")),
+        ),
+    ),
+    Patch(
+        2,
+        "bound on unread bytes",
+        {"daphne": DAPHNE, "Twisted": TWISTED},
+        replaces="daphne's serverSend hands every frame to Twisted's transport, which queues what a client "
+        "does not read without bound",
+        drop_when="daphne or Twisted drops a connection whose write buffer passes a limit",
+        upstream=(
+            _SERVER_SEND,
+            *_WRITE_BUFFER,
+            Upstream("daphne.ws_protocol:WebSocketProtocol.onConnect", uses=("client_addr",)),
+            Upstream("twisted.internet.tcp:Server.abortConnection", ("self",)),
+        ),
+    ),
+    Patch(
+        3,
+        "no writes once the close handshake has begun",
+        {"daphne": DAPHNE, "autobahn": AUTOBAHN},
+        replaces="daphne's serverSend calls autobahn's sendMessage, which raises on a closing socket "
+        "and ends the consumer before its disconnect handler runs",
+        drop_when="daphne's serverSend ignores a send to a socket that is closing or closed",
+        upstream=(
+            _SERVER_SEND,
+            Upstream(f"{_WS}:WebSocketProtocol.STATE_CLOSING"),
+            Upstream(f"{_WS}:WebSocketProtocol.STATE_CLOSED"),
+        ),
+    ),
+    Patch(
+        4,
+        "text frames written straight to the socket",
+        {"daphne": DAPHNE, "autobahn": AUTOBAHN, "Twisted": TWISTED},
+        replaces="daphne's serverSend through autobahn's sendMessage and Twisted's queued write: a formatted "
+        "debug call, a frame built field by field and an add_writer/remove_writer pair per frame",
+        drop_when="a broadcast's profile (bench/README.md) no longer puts that send path above pushsite's own "
+        "per-socket work",
+        upstream=(
+            _SERVER_SEND,
+            *_WRITE_BUFFER,
+            Upstream(f"{_WS}:WebSocketProtocol.STATE_OPEN"),
+            Upstream(f"{_WS}:WebSocketProtocol._connectionMade", uses=("send_queue", "_perMessageCompress")),
+            Upstream(
+                f"{_WS}:WebSocketProtocol.sendMessage",
+                uses=("autoFragmentSize", "maxMessagePayloadSize", "_perMessageCompress"),
+            ),
+            Upstream("twisted.internet.tcp:Server"),
+            Upstream("twisted.internet.tcp:Connection.__init__", uses=("socket",)),
+            Upstream("twisted.internet.abstract:FileDescriptor.connected"),
+            Upstream("twisted.internet.abstract:FileDescriptor.disconnecting"),
+        ),
+    ),
+    Patch(
+        5,
+        "handshake state released once open",
+        {"daphne": DAPHNE, "autobahn": AUTOBAHN, "Twisted": TWISTED},
+        replaces="daphne's upgrade leaves Twisted's HTTPChannel as the transport's producer, and autobahn and "
+        "daphne keep their copies of the handshake for the socket's life",
+        drop_when="daphne unregisters the HTTP channel when it hands the transport over, and autobahn and daphne "
+        "let go of the handshake once the socket is open",
+        upstream=(
+            Upstream("daphne.ws_protocol:WebSocketProtocol.onOpen", ("self",), replaced=True),
+            Upstream("daphne.ws_protocol:WebSocketProtocol.onConnect", uses=("request", "clean_headers")),
+            Upstream(
+                f"{_WS}:WebSocketServerProtocol.processHandshake",
+                uses=("http_request_data", "http_headers", "http_request_params"),
+            ),
+            Upstream("autobahn.websocket.types:ConnectionRequest.__init__", uses=("headers", "params")),
+            Upstream("twisted.web.http:HTTPChannel.connectionMade", uses=("registerProducer",)),
+            Upstream("twisted.internet.abstract:FileDescriptor.producer"),
+            Upstream("twisted.internet.abstract:FileDescriptor.unregisterProducer", ("self",)),
+        ),
+    ),
+    Patch(
+        6,
+        "small input queues",
+        {"daphne": DAPHNE},
+        replaces="daphne's Server.create_application gives each connection an asyncio.Queue (four deques) "
+        "for one reader and one frame at a time",
+        drop_when="daphne's per-connection queue costs about what InputQueue does (bench/README.md, KiB per socket)",
+        upstream=(
+            Upstream(
+                "daphne.server:Server.create_application",
+                ("self", "protocol", "scope"),
+                uses=("connections", "application", "handle_reply"),
+                replaced=True,
+            ),
+            Upstream("daphne.server:Server.handle_reply", ("self", "protocol", "message")),
+        ),
+    ),
+    Patch(
+        7,
+        "autobahn debug arguments built on demand",
+        {"autobahn": AUTOBAHN},
+        replaces="autobahn.websocket.protocol builds pformat, hltype and hlval arguments for log.debug calls "
+        "that write nothing with debug off",
+        drop_when="autobahn builds its debug-only log arguments only when debug is on",
+        upstream=(
+            *(Upstream(f"{_WS}:{name}", replaced=True) for name in ("pformat", "hltype", "hlval")),
+            Upstream(f"{_WS}:WebSocketProtocol._connectionMade", uses=("pformat",)),
+            Upstream(f"{_WS}:WebSocketProtocol.sendData", uses=("hltype", "hlval")),
+        ),
+    ),
+)
+
+
+def installed_version(distribution: str) -> str | None:
+    """The installed version of a distribution, None if it is not installed."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def check_patches(patches: tuple[Patch, ...] = PATCHES) -> None:
+    """Raise PatchVersionError unless every patch meets the versions and upstream names it was written for."""
+    refused = []
+    for patch in patches:
+        problems = []
+        for distribution, versions in patch.written_for.items():
+            found = installed_version(distribution)
+            if found not in versions:
+                problems.append(
+                    f"written for {distribution} {' or '.join(versions)}, found "
+                    + (f"{distribution} {found}" if found else f"no {distribution} installed")
+                )
+        problems += [f"needs {problem}" for need in patch.upstream if (problem := need.problem())]
+        if problems:
+            refused.append(
+                f"  patch {patch.number} ({patch.name}): {'; '.join(problems)}.\n"
+                f"    Upstream behaviour it replaces: {patch.replaces}. Drop it when {patch.drop_when}."
+            )
+    if refused:
+        raise PatchVersionError(
+            "pushsite/server.py will not patch daphne, autobahn and Twisted it was not written for:\n"
+            + "\n".join(refused)
+            + "\nInstall the versions named, or re-check each patch named against what is installed (or drop it)"
+            " and update its entry in PATCHES (pushsite/server.py)."
+        )
 
 
 def pending_bytes(transport: Any) -> int:
@@ -160,11 +390,12 @@ def max_pending_bytes() -> int:
 
 
 def install_close_codes() -> bool:
-    """Make daphne's WebSocket factory build our protocol; False without daphne."""
+    """Check, then install, every patch in PATCHES; False without daphne."""
     try:
         from daphne.ws_protocol import WebSocketFactory, WebSocketProtocol
     except ImportError:
         return False
+    check_patches()  # before anything is patched
     if getattr(WebSocketFactory.protocol, "pushsite_protocol", False):
         return True
 
@@ -263,7 +494,7 @@ def _lazy(eager: Any) -> Any:
 
 
 def _small_queues_for(protocol_class: type) -> None:
-    """daphne's Server.create_application, with an InputQueue for protocol_class's sockets."""
+    """daphne's Server.create_application, with an InputQueue for protocol_class's sockets (item 6)."""
     from daphne.server import Server
 
     daphnes_own = Server.create_application
@@ -283,4 +514,5 @@ def _small_queues_for(protocol_class: type) -> None:
         self.connections[protocol]["application_instance"] = asyncio.ensure_future(instance)
         return queue
 
+    create_application.__wrapped__ = daphnes_own  # type: ignore[attr-defined]  # what check_patches reads
     Server.create_application = create_application

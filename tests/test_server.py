@@ -121,3 +121,110 @@ def test_autobahn_debug_arguments_are_built_only_when_formatted():
     assert "test_autobahn_debug_arguments_are_built_only_when_formatted" in str(name)
     assert install_close_codes() and getattr(ws.hlval, "pushsite_lazy", False)  # installed once, not wrapped twice
     assert ws.hlval(5).__str__() == ws.hlval.__closure__[0].cell_contents(5)
+
+
+# --- version guards: every patch names what it was written for, and refuses anything else ---
+
+
+def test_the_installed_versions_pass_the_check():
+    from pushsite.server import PATCHES, check_patches, installed_version
+
+    check_patches()  # raises on a mismatch
+    for patch in PATCHES:
+        assert patch.replaces and patch.drop_when, f"patch {patch.number} says what it replaces and when it can go"
+        for distribution, versions in patch.written_for.items():
+            assert installed_version(distribution) in versions
+
+
+def test_every_numbered_item_of_the_docstring_has_an_entry():
+    import re
+
+    import pushsite.server as server
+
+    items = {int(number) for number in re.findall(r"^(\d+)\. ", server.__doc__, flags=re.MULTILINE)}
+    assert items == {patch.number for patch in server.PATCHES}
+
+
+def _patch_with(written_for=None, upstream=()):
+    from pushsite.server import PATCHES, Patch
+
+    first = PATCHES[0]
+    return Patch(
+        first.number,
+        first.name,
+        written_for if written_for is not None else first.written_for,
+        first.replaces,
+        first.drop_when,
+        tuple(upstream),
+    )
+
+
+def test_another_version_refuses_to_start_with_a_message_naming_the_patch():
+    from pushsite.server import PatchVersionError, check_patches, installed_version
+
+    patch = _patch_with({"daphne": ("0.0.1",)})
+    with pytest.raises(PatchVersionError) as refused:
+        check_patches((patch,))
+    message = str(refused.value)
+    assert f"patch {patch.number} ({patch.name})" in message
+    assert f"written for daphne 0.0.1, found daphne {installed_version('daphne')}" in message
+    assert patch.replaces in message and patch.drop_when in message
+
+
+def test_a_distribution_not_installed_is_refused():
+    from pushsite.server import PatchVersionError, check_patches
+
+    with pytest.raises(PatchVersionError, match="no not-a-real-distribution installed"):
+        check_patches((_patch_with({"not-a-real-distribution": ("1.0",)}),))
+
+
+@pytest.mark.parametrize(
+    ("need", "says"),
+    [
+        (("daphne.ws_protocol:WebSocketProtocol.noSuchMethod",), "which is not there"),
+        (("no_such_module_of_daphne:Thing",), "does not import"),
+        (("daphne.ws_protocol:WebSocketProtocol.serverClose", ("self", "code", "reason")), "and it takes (self, code)"),
+        (("daphne.ws_protocol:WebSocketProtocol.onConnect", None, ("no_such_attribute",)), "to use no_such_attribute"),
+    ],
+)
+def test_an_upstream_name_changed_under_the_same_version_is_refused(need, says):
+    from pushsite.server import PatchVersionError, Upstream, check_patches
+
+    with pytest.raises(PatchVersionError) as refused:
+        check_patches((_patch_with(upstream=[Upstream(*need)]),))
+    assert says in str(refused.value)
+
+
+def test_the_server_does_not_start_on_a_mismatch(monkeypatch):
+    # install_close_codes, which pushsite/asgi.py calls before daphne serves, runs the check first.
+    import pushsite.server as server
+
+    monkeypatch.setattr(server, "PATCHES", (_patch_with({"Twisted": ("1.0",)}),))
+    monkeypatch.setattr(server.check_patches, "__defaults__", (server.PATCHES,))
+    with pytest.raises(server.PatchVersionError, match="written for Twisted 1.0"):
+        server.install_close_codes()
+
+
+def test_a_daphne_with_other_versions_exits_naming_the_patch(tmp_path):
+    # A real start: daphne imports pushsite.asgi under a version it was not written for.
+    import os
+    import subprocess
+    import sys
+
+    shim = tmp_path / "sitecustomize.py"
+    shim.write_text(
+        "import importlib.metadata as m\n"
+        "_real = m.version\n"
+        "m.version = lambda name: '99.0' if name.lower() == 'autobahn' else _real(name)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.getcwd()}", DJANGO_SETTINGS_MODULE="pushsite.settings")
+    started = subprocess.run(
+        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", "0", "pushsite.asgi:application"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert started.returncode != 0
+    assert "PatchVersionError" in started.stderr
+    assert "written for autobahn" in started.stderr and "found autobahn 99.0" in started.stderr
