@@ -327,6 +327,16 @@ PUSH_NODE_HEARTBEAT = env_int("PUSH_NODE_HEARTBEAT", 10)
 PUSH_NODE_DEAD_AFTER = env_int("PUSH_NODE_DEAD_AFTER", 35)
 PUSH_REDIS_PREFIX = env_str("PUSH_REDIS_PREFIX", "pushsite")
 PUSH_WS_PUBLIC_URL = env_str("PUSH_WS_PUBLIC_URL")
+# Peers whose X-Forwarded-For is believed (pushsite/clientaddr.py): CIDRs.
+PUSH_TRUSTED_PROXIES = env_list("PUSH_TRUSTED_PROXIES", ["127.0.0.0/8", "::1/128"])
+# GET /metrics: loopback clients, or anyone sending this as a Bearer token.
+PUSH_METRICS_TOKEN = env_str("PUSH_METRICS_TOKEN")
+# Celery workers serve /metrics on this port when it is set (0: off).
+PUSH_METRICS_PORT = env_int("PUSH_METRICS_PORT", 0)
+# "text" (the default) or "json": one JSON object per log line.
+PUSH_LOG_FORMAT = env_str("PUSH_LOG_FORMAT", "text")
+if PUSH_LOG_FORMAT not in {"text", "json"}:
+    raise ImproperlyConfigured(f"PUSH_LOG_FORMAT must be text or json, got {PUSH_LOG_FORMAT!r}")
 # gen-0, gen-1, gen-2 thresholds of the server's garbage collector; empty keeps
 # Python's. "50000,20,20" raised fan-out at 10k sockets but let memory drift
 # +17 % over a 5-minute churn run (bench/soak.py); Python's stayed within 0.4 %.

@@ -58,7 +58,7 @@ fi
 
 if ((EMBEDDED)); then
   say "pushsite on http://$(address "$HOST" "$PORT") (WebSocket ws://$(address "$HOST" "$PORT")/ws/push/, admin /admin/)"
-  exec .venv/bin/daphne -b "$HOST" -p "$PORT" --proxy-headers pushsite.asgi:application
+  exec .venv/bin/daphne -b "$HOST" -p "$PORT" pushsite.asgi:application
 fi
 
 # beat only queues what is registered; registering keeps edits made in the admin.

@@ -34,6 +34,8 @@ if ((DEV)); then
   PACKAGES+=(chromium chromium-driver)
   # The two-node test runs a real nginx in front of daphne over wss.
   PACKAGES+=(openssl)
+  # A real Prometheus (and promtool) scrapes the nodes; Sentinel fails Redis over.
+  PACKAGES+=(prometheus redis-sentinel)
   command -v node >/dev/null 2>&1 || PACKAGES+=(nodejs)
 fi
 ((NGINX)) && PACKAGES+=(nginx)

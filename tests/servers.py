@@ -198,7 +198,7 @@ def api_node(name: str = "api", **env: Any) -> ServerProcess:
     port = free_port()
     return ServerProcess(
         name,
-        [str(BIN / "uvicorn"), "pushsite.asgi:application", "--ws", "none", "--http", "httptools",
+        [str(BIN / "uvicorn"), "pushsite.asgi:application", "--no-proxy-headers", "--ws", "none", "--http", "httptools",
          "--lifespan", "off", "--no-access-log", "--host", "127.0.0.1", "--port", str(port)],
         server_env(**{"PUSH_DB_THREADS": "2", **env}),
         port=port,
