@@ -201,7 +201,7 @@ def test_the_server_does_not_start_on_a_mismatch(monkeypatch):
 
     monkeypatch.setattr(server, "PATCHES", (_patch_with({"Twisted": ("1.0",)}),))
     monkeypatch.setattr(server.check_patches, "__defaults__", (server.PATCHES,))
-    with pytest.raises(server.PatchVersionError, match="written for Twisted 1.0"):
+    with pytest.raises(server.PatchVersionError, match=r"written for Twisted 1\.0"):
         server.install_close_codes()
 
 
@@ -217,7 +217,8 @@ def test_a_daphne_with_other_versions_exits_naming_the_patch(tmp_path):
         "_real = m.version\n"
         "m.version = lambda name: '99.0' if name.lower() == 'autobahn' else _real(name)\n"
     )
-    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.getcwd()}", DJANGO_SETTINGS_MODULE="pushsite.settings")
+    path = f"{tmp_path}{os.pathsep}{os.getcwd()}"
+    env = dict(os.environ, PYTHONPATH=path, DJANGO_SETTINGS_MODULE="pushsite.settings")
     started = subprocess.run(
         [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", "0", "pushsite.asgi:application"],
         env=env,
