@@ -25,6 +25,7 @@ import httpx
 from django.conf import settings
 from django.core.cache import cache
 
+from pushsite import metrics
 from pushsite.errors import BackendUnavailable
 
 from . import bridge
@@ -112,6 +113,14 @@ async def close_http_client() -> None:
 
 async def ask_main_site(login_key: str) -> int:
     """One verify call; returns the uid (0: unknown)."""
+    try:
+        return await _ask_main_site(login_key)
+    except BackendUnavailable:
+        metrics.backend_error("verify")
+        raise
+
+
+async def _ask_main_site(login_key: str) -> int:
     params = {
         "timestamp": str(int(time.time())),
         "loginkey": login_key,

@@ -25,6 +25,7 @@ from asgiref.sync import SyncToAsync
 from django.conf import settings
 from django.db import DatabaseError, IntegrityError, connections
 
+from pushsite import metrics
 from pushsite.errors import BackendUnavailable
 
 T = TypeVar("T")
@@ -46,8 +47,10 @@ def _guarded(fn: Callable[..., T], kwargs: dict[str, Any]) -> T:
     except IntegrityError:
         raise
     except DatabaseError as error:
+        metrics.backend_error("mysql")
         raise BackendUnavailable(f"database unavailable: {error.__class__.__name__}") from error
     except redis.RedisError as error:
+        metrics.backend_error("redis")
         raise BackendUnavailable(f"redis unavailable: {error.__class__.__name__}") from error
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import redis
 from django.conf import settings
 
+from pushsite import metrics
 from pushsite.errors import BackendUnavailable
 from pushsite.redis_client import get_async_redis, get_redis, redis_configured
 
@@ -54,9 +55,14 @@ def publish(message: dict[str, Any]) -> int:
         if loop.is_closed():
             _local_handlers.pop(loop, None)
             continue
-        loop.call_soon_threadsafe(handler, message)
+        loop.call_soon_threadsafe(_received, handler, message)
         delivered += 1
     return delivered
+
+
+def _received(handler: Callable[[dict[str, Any]], None], message: dict[str, Any]) -> None:
+    metrics.BUS_MESSAGES.inc()
+    handler(message)
 
 
 # When this process last had an answer from Redis to a publish or a ping.
@@ -78,6 +84,7 @@ def redis_call() -> Iterator[None]:
         yield
     except redis.RedisError as error:
         redis_failed()
+        metrics.backend_error("redis")
         raise BackendUnavailable(f"redis unavailable: {error.__class__.__name__}") from error
     _answered_at = time.monotonic()
 
@@ -134,6 +141,7 @@ async def subscribe(
                 except ValueError:
                     log.error("dropped a bus message that is not JSON")
                     continue
+                metrics.BUS_MESSAGES.inc()
                 handler(message)
         except asyncio.CancelledError:
             raise

@@ -28,6 +28,7 @@ from channels.consumer import AsyncConsumer, get_handler_name
 from channels.exceptions import StopConsumer
 from django.conf import settings
 
+from pushsite import metrics
 from pushsite.errors import BackendUnavailable
 
 from . import auth, bridge, logins, services
@@ -122,6 +123,7 @@ class PushConsumer(AsyncConsumer):
         if retry_after is not None:
             # Logins are not answered in time: tell the client when to come
             # back now, rather than let it queue until it gives up.
+            metrics.login("overloaded")
             await self.kick(
                 code=Code.UNAVAILABLE,
                 close_code=CloseCode.TRY_AGAIN_LATER,
@@ -170,6 +172,7 @@ class PushConsumer(AsyncConsumer):
     async def push_text(self, text: str, noce_ack: str, now: float) -> bool:
         """Write one pushed notification (hub path); False if it was not written."""
         if self.closed:
+            metrics.frame_dropped("closed")
             return False
         replayed = self._replayed
         if replayed is not None:
@@ -194,6 +197,7 @@ class PushConsumer(AsyncConsumer):
             and await self.push_text(event["text"], event["noce_ack"], self.hub.loop.time())
         ):
             self.hub.record_sent(self.uid, event["noce_ack"])
+            metrics.frames_sent(event.get("msg_type", 0))
 
     # --- receiving -----------------------------------------------------------
 
@@ -255,9 +259,11 @@ class PushConsumer(AsyncConsumer):
         try:
             uid = await auth.verify_login(body.login_key)
         except auth.LoginRefused:
+            metrics.login("refused")
             await self.send_frame(MsgType.ERROR, code=Code.LOGIN_REFUSED, msg="login refused", seq=frame.seq)
             return
         except BackendUnavailable as error:
+            metrics.login("error")
             await self.send_frame(MsgType.ERROR, code=Code.UNAVAILABLE, msg=str(error), seq=frame.seq)
             return
         if self.closed:
@@ -278,13 +284,16 @@ class PushConsumer(AsyncConsumer):
             )
         except BackendUnavailable as error:
             # A failed login leaves no row: the socket stays open, anonymous.
+            metrics.login("error")
             await self._leave_session(closing=True, stays_open=True)
             await self.send_frame(MsgType.ERROR, code=Code.UNAVAILABLE, msg=str(error), seq=frame.seq)
             return
         except services.TooManySockets as error:
+            metrics.login("refused")
             await self._leave_session(closing=True, stays_open=True)
             await self.send_frame(MsgType.ERROR, code=Code.TOO_MANY, msg=str(error), seq=frame.seq)
             return
+        metrics.login("ok")
         await self.send_frame(MsgType.LOGIN, uid=uid, body={"uid": uid, "unread": session.unread_counts}, seq=frame.seq)
         await self._replay(session.unsent)
 
@@ -296,6 +305,7 @@ class PushConsumer(AsyncConsumer):
             if await self.push_text(message.frame, message.noce_ack, now):
                 written.add(message.noce_ack)
                 self.hub.record_sent(self.uid, message.noce_ack)
+                metrics.frames_sent(message.msg_type)
         # A replayed message's live publish can trail its store by seconds on a
         # loaded node (the API stores, then publishes): remember what the
         # replay wrote, and only that, until its duplicate shows up. At most

@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 from django.conf import settings
 
+from pushsite import metrics
 from pushsite.errors import BackendUnavailable
 
 from . import bridge, bus, selectors, services
@@ -154,6 +155,7 @@ class Hub:
         now = self.loop.time()
         users = self.users
         sent = self._sent
+        frames = 0
         for group in groups:
             template: PushTemplate | None = None
             for uid, noce_ack in group["to"]:
@@ -165,9 +167,14 @@ class Hub:
                 text = template.render(uid, noce_ack)
                 delivered = False
                 for consumer in conns:
-                    delivered = await consumer.push_text(text, noce_ack, now) or delivered
+                    if await consumer.push_text(text, noce_ack, now):
+                        delivered = True
+                        frames += 1
                 if delivered:
                     sent.append((uid, noce_ack))
+            # Counted once per group, not per socket: the fan-out path stays as it was.
+            metrics.frames_sent(group["msg_type"], frames)
+            frames = 0
         if sent:
             self._sent_wakeup.set()
 
@@ -329,6 +336,18 @@ class Hub:
 
 
 _hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Hub] = weakref.WeakKeyDictionary()
+
+
+def socket_counts() -> tuple[int, int]:
+    """Open and logged-in sockets of every hub of this process (read at scrape time)."""
+    hubs = list(_hubs.values())
+    return (
+        sum(len(hub.sockets) for hub in hubs),
+        sum(len(conns) for hub in hubs for conns in list(hub.users.values())),
+    )
+
+
+metrics.count_sockets_with("hubs", socket_counts)
 
 
 def get_hub() -> Hub:

@@ -31,6 +31,7 @@ class Unsent:
 
     noce_ack: str
     frame: str
+    msg_type: int = 0
 
 
 @dataclass(frozen=True, slots=True)

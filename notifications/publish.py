@@ -130,4 +130,7 @@ async def _group_send_each(messages: Sequence[NewMessage]) -> None:
     layer = get_channel_layer()
     for m in messages:
         text = PushTemplate(m.msg_type, from_uid=m.from_uid, body=m.body).render(m.to_uid, m.noce_ack)
-        await layer.group_send(user_group(m.to_uid), {"type": "push.frame", "text": text, "noce_ack": m.noce_ack})
+        await layer.group_send(
+            user_group(m.to_uid),
+            {"type": "push.frame", "text": text, "noce_ack": m.noce_ack, "msg_type": int(m.msg_type)},
+        )

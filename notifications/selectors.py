@@ -62,7 +62,9 @@ def _unsent(to_uid: int, noce_ack: str, msg_type: int, from_uid: int, body: Any)
     if isinstance(body, bytes | str):
         body = json.loads(body)
     return Unsent(
-        noce_ack=noce_ack, frame=PushTemplate(MsgType(msg_type), from_uid=from_uid, body=body).render(to_uid, noce_ack)
+        noce_ack=noce_ack,
+        frame=PushTemplate(MsgType(msg_type), from_uid=from_uid, body=body).render(to_uid, noce_ack),
+        msg_type=int(msg_type),
     )
 
 

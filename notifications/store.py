@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -31,6 +31,7 @@ from django.db.models.constants import OnConflict
 from django.utils import timezone
 
 from connections.protocol import MsgType
+from pushsite import metrics
 
 from .sharding import message_model, shard_alias, shard_of, shards_by_alias
 
@@ -157,6 +158,7 @@ def messages_store(*, messages: list[NewMessage], ignore_existing: bool = False)
             except IntegrityError:
                 committed.clear()  # refused (its noce_ack exists): nothing stored, and the existing row stays
                 raise
+            metrics.messages_stored(row.msg_type, 1)
             return 1
         for alias, shards in by_alias.items():
             with transaction.atomic(using=alias):
@@ -177,7 +179,14 @@ def messages_store(*, messages: list[NewMessage], ignore_existing: bool = False)
         if committed:
             _compensate(by_alias, by_shard, committed)
         raise
+    _count_stored(row for rows in by_shard.values() for row in rows)
     return written
+
+
+def _count_stored(rows: Iterable[Any]) -> None:
+    by_type = Counter(int(row.msg_type) for row in rows)
+    for msg_type, n in by_type.items():
+        metrics.messages_stored(msg_type, n)
 
 
 def _compensate(by_alias: dict[str, list[int]], by_shard: dict[int, list[Any]], committed: list[str]) -> None:
@@ -307,6 +316,8 @@ def messages_store_batch(*, messages: list[NewMessage]) -> int:
                     sql, params = _insert_ignore(connection, model, by_shard[shard], now)
                     cursor.executemany(sql, params)
                     written += cursor.rowcount  # the rows ignored are not counted
+    # A job's batch is of one msg_type; the rows INSERT IGNORE skipped are not counted.
+    metrics.messages_stored(int(messages[0].msg_type), written)
     return written
 
 

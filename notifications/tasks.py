@@ -9,6 +9,7 @@ from celery import Task, shared_task
 from django.db import DatabaseError
 
 from connections.protocol import MsgType
+from pushsite import metrics
 from pushsite.errors import BackendUnavailable
 
 from . import periodic
@@ -17,9 +18,23 @@ from .services import RUN_PUSH_JOB, push_job_fail, push_job_run, push_jobs_reque
 RETRYABLE = (BackendUnavailable, DatabaseError, ConnectionError)
 
 
-class PushJobTask(Task):
+class CountedTask(Task):
+    """A task whose outcomes are counted in pushsite_jobs_total (done, failed, retried)."""
+
+    def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
+        metrics.job("done")
+
+    def on_retry(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        metrics.job("retried")
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        metrics.job("failed")
+
+
+class PushJobTask(CountedTask):
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         """Out of retries (or not retryable): the job is marked failed for operators."""
+        super().on_failure(exc, task_id, args, kwargs, einfo)
         job_id = args[0] if args else kwargs.get("job_id")
         if job_id:
             # If the database is what failed, the stale-job sweep sees the job later.
@@ -42,7 +57,13 @@ def run_push_job(job_id: str) -> dict[str, object]:
     return {"job_id": str(job.id), "state": job.state, "stored": job.stored, "sent": job.sent}
 
 
-PERIODIC = {"autoretry_for": RETRYABLE, "retry_backoff": 5, "retry_backoff_max": 120, "max_retries": 3}
+PERIODIC = {
+    "base": CountedTask,
+    "autoretry_for": RETRYABLE,
+    "retry_backoff": 5,
+    "retry_backoff_max": 120,
+    "max_retries": 3,
+}
 
 
 def _schedule_name(task: Task, default: str) -> str:

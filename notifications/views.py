@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +35,7 @@ from pydantic import BaseModel, ValidationError
 
 from connections import bridge
 from connections.protocol import MAX_UNREAD_LIMIT, MsgType
+from pushsite import metrics
 from pushsite.errors import BackendUnavailable
 
 from . import envelopes, idempotency, services
@@ -96,7 +98,24 @@ def api_view(*, method: str, signed: bool = True) -> Callable[[Callable[..., Jso
     return decorate
 
 
-def checked_call(
+def checked_call(*, path: str, **kwargs: Any) -> JsonResponse:
+    """``_checked_call``, counted and timed (pushsite_api_requests_total, _request_duration_seconds)."""
+    started = time.perf_counter()
+    response = _checked_call(path=path, **kwargs)
+    route = metric_route(path)
+    metrics.API_DURATION.labels(route).observe(time.perf_counter() - started)
+    metrics.API_REQUESTS.labels(route, str(response.status_code)).inc()
+    return response
+
+
+def metric_route(path: str) -> str:
+    """The path label of an API request: its route, never a job id (one series per route)."""
+    if path.startswith("/api/push/jobs/"):
+        return "/api/push/jobs/{job_id}"
+    return path if path in METRIC_ROUTES else "other"
+
+
+def _checked_call(
     *,
     method: str,
     allowed: str,
@@ -161,6 +180,10 @@ def checked_call(
     except RequestDataTooBig:
         return api_response(413, f"request body larger than {settings.PUSH_API_MAX_REQUEST_BYTES} bytes")
     except (BackendUnavailable, DatabaseError, redis.RedisError) as error:
+        if isinstance(error, DatabaseError):
+            metrics.backend_error("mysql")
+        elif isinstance(error, redis.RedisError):
+            metrics.backend_error("redis")  # (a BackendUnavailable was counted where it was raised)
         log.warning("push API %s: backend unavailable: %s", path, error)
         return api_response(503, "service unavailable: a backend is down, nothing was stored; retry later")
     except Exception:
@@ -306,6 +329,10 @@ FAST_ROUTES: dict[str, PushHandler] = {
     "/api/comment/message": _comment_message,
     "/api/notice/systemMessage": _system_message,
 }
+METRIC_ROUTES = frozenset({*FAST_ROUTES, "/api/push/config"})
+for _route in METRIC_ROUTES:  # shown at 0 before the first request
+    metrics.API_DURATION.labels(_route)
+    metrics.API_REQUESTS.labels(_route, "200")
 
 
 class PushApiApp:

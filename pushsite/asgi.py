@@ -24,6 +24,7 @@ from connections.routing import websocket_urlpatterns  # noqa: E402
 from connections.security import OriginCheck  # noqa: E402
 from notifications.sharding import SHARD_COUNT, message_model  # noqa: E402
 from notifications.views import PushApiApp  # noqa: E402
+from pushsite.metrics import MetricsApp  # noqa: E402
 from pushsite.server import install_close_codes  # noqa: E402
 
 # Checks the daphne, autobahn and Twisted versions each patch was written for
@@ -78,7 +79,7 @@ if settings.PUSH_SERVE_STATIC:
     http_app = ASGIStaticFilesHandler(django_asgi_app)
 
 # The signed push API skips Django's request cycle (notifications/views.py, PushApiApp).
-http_app = RefuseUpgrade(PushApiApp(http_app))
+http_app = RefuseUpgrade(MetricsApp(PushApiApp(http_app)))
 
 application = ProtocolTypeRouter(
     {

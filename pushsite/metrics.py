@@ -23,9 +23,20 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+# A *_created series per counter child doubles what is scraped and says nothing here.
+disable_created_metrics()
 
 LOGIN_RESULTS = ("ok", "refused", "error", "overloaded")
 DROP_REASONS = ("slow_client", "closed")
@@ -141,3 +152,80 @@ def _registry() -> Any:
         multiprocess.MultiProcessCollector(registry)
         return registry
     return REGISTRY
+
+
+def serve_worker_metrics(port: int) -> None:
+    """A worker's /metrics on ``port`` (all addresses, same access rule as the nodes), in a thread."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            from pushsite.clientaddr import resolve
+
+            forwarded = self.headers.get_all("X-Forwarded-For") or []
+            client = resolve(self.client_address[0], forwarded)
+            if self.path.split("?", 1)[0] != "/metrics":
+                self._answer(404, b"not found\n", "text/plain")
+            elif not allowed(client, self.headers.get("Authorization", "")):
+                self._answer(403, b"metrics are readable from loopback or with the metrics token\n", "text/plain")
+            else:
+                body, content_type = exposition()
+                self._answer(200, body, content_type)
+
+        def _answer(self, status: int, body: bytes, content_type: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # a scrape every few seconds is not worth a log line
+
+    server = ThreadingHTTPServer(("", port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="pushsite-metrics", daemon=True).start()
+
+
+def allowed(client: str, authorization: str) -> bool:
+    """The access rule of /metrics: a loopback client, or the Bearer PUSH_METRICS_TOKEN."""
+    import hmac
+
+    from django.conf import settings
+
+    from pushsite.clientaddr import is_loopback
+
+    token = settings.PUSH_METRICS_TOKEN
+    if token and authorization.startswith("Bearer ") and hmac.compare_digest(authorization[7:].strip(), token):
+        return True
+    return is_loopback(client)
+
+
+class MetricsApp:
+    """ASGI: ``GET /metrics`` of this process, under the access rule; anything else goes to ``inner``."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != "/metrics":
+            await self.inner(scope, receive, send)
+            return
+        from pushsite.clientaddr import scope_client
+
+        authorization = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), "")
+        if scope["method"] not in ("GET", "HEAD"):
+            status, body, content_type = 405, b"use GET\n", "text/plain"
+        elif not allowed(scope_client(scope), authorization):
+            status, body, content_type = (
+                403,
+                b"metrics are readable from loopback or with the metrics token\n",
+                "text/plain",
+            )
+        else:
+            status = 200
+            body, content_type = exposition()
+        headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})

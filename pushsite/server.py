@@ -89,6 +89,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from pushsite import metrics
+
 try:
     from twisted.internet.tcp import Server as TCPServer
     from twisted.web.http import HTTPChannel
@@ -425,8 +427,10 @@ def install_close_codes() -> bool:
                 # disconnect yet. autobahn would raise, and the exception would
                 # end the consumer before its disconnect handler clears the
                 # socket's relation row; the frame could not arrive anyway.
+                metrics.frame_dropped("closed")
                 return
             if pending_bytes(self.transport) > max_pending_bytes():
+                metrics.frame_dropped("slow_client")
                 if not self.pushsite_dropped:
                     self.pushsite_dropped = True
                     log.warning("dropping %s: it does not read its frames", self.client_addr)

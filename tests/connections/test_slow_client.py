@@ -18,6 +18,7 @@ from django.conf import settings
 
 from notifications.client import PushClient
 from tests.conftest import VERIFY_TOKEN
+from tests.scrape import scrape
 from tests.servers import configuration_environment, daphne_with, prepare_server_database
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
@@ -95,6 +96,7 @@ async def test_a_client_that_does_not_read_is_dropped_and_delays_nobody(server, 
 
     # The slow client was cut off rather than buffered without end.
     assert "does not read" in server.log.read_text()
+    assert scrape(server.port).value("pushsite_frames_dropped_total", reason="slow_client") >= 1
     with pytest.raises(websockets.ConnectionClosed):
         await drain(slow)
     # Held for it unbounded, a few MiB would stay in the process; with the limit

@@ -21,6 +21,7 @@ from django.conf import settings
 from notifications.client import PushClient, PushError
 from notifications.sharding import model_for_uid, shard_alias, shards_by_alias
 from tests.proxy import TcpProxy
+from tests.scrape import scrape
 from tests.servers import daphne, database_url
 
 pytestmark = [
@@ -89,6 +90,7 @@ def uid_on(alias: str, base: int) -> int:
 async def test_redis_down_is_503_with_nothing_stored_then_recovers(backends, new_uid):
     node, proxies = backends
     uid = new_uid()
+    before = scrape(node.port)
     proxies["redis"].cut()
     started = time.monotonic()
     status, answer = await asyncio.to_thread(push, node, [uid])
@@ -96,6 +98,12 @@ async def test_redis_down_is_503_with_nothing_stored_then_recovers(backends, new
     assert "nothing was stored" in answer["msg"]
     assert time.monotonic() - started < 5
     assert await stored([uid]) == 0
+    after = scrape(node.port)
+    assert after.value("pushsite_backend_errors_total", backend="redis") > before.value(
+        "pushsite_backend_errors_total", backend="redis"
+    )
+    path = "/api/notice/userMessage"
+    assert after.value("pushsite_api_requests_total", path=path, code="503") >= 1  # the client retries 503
 
     proxies["redis"].restore()
     status, answer = await asyncio.to_thread(push, node, [uid])
@@ -107,10 +115,14 @@ async def test_one_shard_database_down_leaves_nothing_on_the_other(backends, new
     node, proxies = backends
     base = new_uid()
     first, second = uid_on("shards0", base), uid_on("shards1", base)
+    before = scrape(node.port)
     proxies["shards1"].cut()
     status, answer = await asyncio.to_thread(push, node, [first, second])
     assert status == 503, answer
     assert await stored([first, second]) == 0
+    assert scrape(node.port).value("pushsite_backend_errors_total", backend="mysql") > before.value(
+        "pushsite_backend_errors_total", backend="mysql"
+    )
 
     proxies["shards1"].restore()
     status, answer = await asyncio.to_thread(push, node, [first, second])
