@@ -36,6 +36,7 @@ from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
 from connections.protocol import MsgType
 from connections.selectors import online_uid_batches
+from pushsite import metrics
 
 from . import envelopes
 from .models import PushJob, ScheduleRun
@@ -200,6 +201,7 @@ def schedule_run_record(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str
     ScheduleRun.objects.filter(id=run.id).update(
         state=ScheduleRun.State.OK, detail=json.dumps(result, default=str)[:2000], finished_at=timezone.now()
     )
+    metrics.periodic_succeeded(name, schedule_every(name))
     return result
 
 

@@ -28,6 +28,7 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     disable_created_metrics,
     generate_latest,
@@ -60,6 +61,16 @@ API_DURATION = Histogram(
 MESSAGES_STORED = Counter("pushsite_messages_stored_total", "Rows written to the shard tables.", ["msg_type"])
 BACKEND_ERRORS = Counter("pushsite_backend_errors_total", "Failed backend calls.", ["backend"])
 JOBS = Counter("pushsite_jobs_total", "Push jobs and periodic runs, by outcome.", ["state"])
+# For the "no periodic run for twice its period" alert (deploy/prometheus/alerts.yml).
+PERIODIC_LAST_SUCCESS = Gauge(
+    "pushsite_periodic_last_success_timestamp_seconds",
+    "When a schedule's run last succeeded (Unix time).",
+    ["schedule"],
+    multiprocess_mode="max",
+)
+PERIODIC_PERIOD = Gauge(
+    "pushsite_periodic_period_seconds", "A schedule's configured interval.", ["schedule"], multiprocess_mode="max"
+)
 
 for _result in LOGIN_RESULTS:
     LOGINS.labels(_result)
@@ -109,6 +120,11 @@ def messages_stored(msg_type: int, n: int) -> None:
 
 def job(state: str) -> None:
     JOBS.labels(state).inc()
+
+
+def periodic_succeeded(schedule: str, every: float) -> None:
+    PERIODIC_LAST_SUCCESS.labels(schedule).set_to_current_time()
+    PERIODIC_PERIOD.labels(schedule).set(every)
 
 
 # --- socket gauges, read from whoever holds the sockets ------------------------
