@@ -138,6 +138,8 @@ class PushConsumer(AsyncConsumer):
             await self.kick(code=Code.UNAVAILABLE, close_code=CloseCode.TRY_AGAIN_LATER, msg="server full")
 
     async def websocket_disconnect(self, message: dict[str, Any]) -> None:
+        if not self.closed:
+            self._session_event("close", self.uid, code=message.get("code"))
         await self._leave_session(closing=True)
         self.closed = True
         if self.hub is not None and self.conn_id is not None:
@@ -148,6 +150,7 @@ class PushConsumer(AsyncConsumer):
         """Send KICK and close; the disconnect handler cleans up."""
         if self.closed:
             return
+        self._session_event("kick", self.uid, code=int(code))
         await self.send_frame(MsgType.KICK, code=code, msg=msg, body=body)
         self.closed = True
         # Clean up before the close frame, so a client that sees the close
@@ -156,6 +159,13 @@ class PushConsumer(AsyncConsumer):
         await self.base_send({"type": "websocket.close", "code": int(close_code)})
         if self.hub is not None and self.conn_id is not None:
             await self.hub.detach(self)
+
+    def _session_event(self, event: str, uid: int, *, code: int | None = None, level: int = logging.INFO) -> None:
+        """One log line per session event, with node, uid and conn_id as fields (pushsite/logs.py); never a key."""
+        if log.isEnabledFor(level):
+            node = self.hub.node if self.hub is not None else None
+            fields = {"event": event, "node": node, "uid": uid or None, "conn_id": self.conn_id, "code": code}
+            log.log(level, "session %s", event, extra=fields)
 
     # --- sending -----------------------------------------------------------
 
@@ -260,10 +270,12 @@ class PushConsumer(AsyncConsumer):
             uid = await auth.verify_login(body.login_key)
         except auth.LoginRefused:
             metrics.login("refused")
+            self._session_event("login_refused", 0, code=int(Code.LOGIN_REFUSED))
             await self.send_frame(MsgType.ERROR, code=Code.LOGIN_REFUSED, msg="login refused", seq=frame.seq)
             return
         except BackendUnavailable as error:
             metrics.login("error")
+            self._session_event("login_failed", 0, code=int(Code.UNAVAILABLE), level=logging.WARNING)
             await self.send_frame(MsgType.ERROR, code=Code.UNAVAILABLE, msg=str(error), seq=frame.seq)
             return
         if self.closed:
@@ -285,15 +297,18 @@ class PushConsumer(AsyncConsumer):
         except BackendUnavailable as error:
             # A failed login leaves no row: the socket stays open, anonymous.
             metrics.login("error")
+            self._session_event("login_failed", uid, code=int(Code.UNAVAILABLE), level=logging.WARNING)
             await self._leave_session(closing=True, stays_open=True)
             await self.send_frame(MsgType.ERROR, code=Code.UNAVAILABLE, msg=str(error), seq=frame.seq)
             return
         except services.TooManySockets as error:
             metrics.login("refused")
+            self._session_event("login_refused", uid, code=int(Code.TOO_MANY))
             await self._leave_session(closing=True, stays_open=True)
             await self.send_frame(MsgType.ERROR, code=Code.TOO_MANY, msg=str(error), seq=frame.seq)
             return
         metrics.login("ok")
+        self._session_event("login", uid)
         await self.send_frame(MsgType.LOGIN, uid=uid, body={"uid": uid, "unread": session.unread_counts}, seq=frame.seq)
         await self._replay(session.unsent)
 
@@ -317,6 +332,7 @@ class PushConsumer(AsyncConsumer):
         if await self._refuse_anonymous(frame):
             return
         uid = self.uid
+        self._session_event("logout", uid)
         await self._leave_session(closing=False)
         await self.send_frame(MsgType.LOGOUT, body={"uid": uid}, seq=frame.seq)
 

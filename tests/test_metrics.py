@@ -161,3 +161,36 @@ def test_a_forged_forwarded_header_from_loopback_reaches_loopback_only_if_it_nam
     # the peer is on loopback already and could read the metrics anyway.
     assert fetch(node.port, headers={"X-Forwarded-For": "127.0.0.1"})[0] == 200
     assert fetch(node.port, headers={"X-Forwarded-For": "127.0.0.1, 198.51.100.1"})[0] == 403
+
+
+def exported_names() -> set[str]:
+    """Every series name this process's registry can export (histograms with their suffixes)."""
+    from prometheus_client import REGISTRY
+
+    names = set()
+    for family in REGISTRY.collect():
+        if family.name.startswith("pushsite_"):
+            names.add(family.name)
+            names.update(sample.name for sample in family.samples)
+            if family.type == "histogram":
+                names.update(f"{family.name}{suffix}" for suffix in ("_bucket", "_count", "_sum"))
+            if family.type == "counter":
+                names.add(f"{family.name}_total")
+    return names
+
+
+def test_the_dashboard_and_the_alerts_name_only_metrics_that_exist():
+    import re
+
+    import notifications.views  # noqa: F401 (creates the route series)
+    from tests.servers import ROOT
+
+    dashboard = json.loads((ROOT / "deploy/grafana/pushsite.json").read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    exprs.append((ROOT / "deploy/prometheus/alerts.yml").read_text())
+    named = {name for expr in exprs for name in re.findall(r"\bpushsite_[a-z_]+", expr)}
+    assert named, "no metric named at all"
+    assert named <= exported_names(), named - exported_names()
+    titles = {panel["title"] for panel in dashboard["panels"]}
+    for wanted in ("Sockets per node", "Logins/s by result", "Frames/s", "Push API latency", "Backend errors/s"):
+        assert wanted in titles
