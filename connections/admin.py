@@ -19,6 +19,8 @@ from django.contrib import admin
 from django.db.models import Q
 from django.utils import timezone
 
+from pushsite import metrics
+
 from .models import Connection, Node
 
 
@@ -61,6 +63,11 @@ class NodeAdmin(ReadOnlyAdmin):
     list_display = ("node_id", "hostname", "pid", "started_at", "heartbeat_at", "alive")
     search_fields = ("node_id", "hostname")
     ordering = ("-heartbeat_at",)
+
+    def changelist_view(self, request, extra_context=None):
+        # The processes' own numbers, as Prometheus scrapes them (PUSH_METRICS_TARGETS).
+        context = {"process_metrics": metrics.read_targets(settings.PUSH_METRICS_TARGETS), **(extra_context or {})}
+        return super().changelist_view(request, context)
 
     @admin.display(boolean=True, description="alive")
     def alive(self, node: Node) -> bool:

@@ -245,3 +245,52 @@ class MetricsApp:
         headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
+
+
+# --- what push_status and the admin show: the nodes' own numbers ---------------
+
+# The figures a status page shows per target, from the same series Prometheus scrapes.
+SUMMARY = (
+    ("sockets", "pushsite_sockets", {}),
+    ("logged_in", "pushsite_sockets_logged_in", {}),
+    ("logins_ok", "pushsite_logins_total", {"result": "ok"}),
+    ("logins_refused", "pushsite_logins_total", {"result": "refused"}),
+    ("logins_overloaded", "pushsite_logins_total", {"result": "overloaded"}),
+    ("frames_sent", "pushsite_frames_sent_total", None),
+    ("frames_dropped", "pushsite_frames_dropped_total", None),
+    ("stored", "pushsite_messages_stored_total", None),
+    ("backend_errors", "pushsite_backend_errors_total", None),
+)
+
+
+def summarize(text: str) -> dict[str, float]:
+    """The SUMMARY figures of one exposition (a label set of None: summed over all labels)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    figures = dict.fromkeys((name for name, _, _ in SUMMARY), 0.0)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            for figure, series, labels in SUMMARY:
+                if sample.name == series and (
+                    labels is None or all(sample.labels.get(k) == v for k, v in labels.items())
+                ):
+                    figures[figure] += sample.value
+    return figures
+
+
+def read_targets(targets: Iterable[str], *, timeout: float = 2.0) -> list[dict[str, Any]]:
+    """GET /metrics of each host:port (with PUSH_METRICS_TOKEN if set); an unreachable one says why."""
+    import httpx
+    from django.conf import settings
+
+    headers = {"Authorization": f"Bearer {settings.PUSH_METRICS_TOKEN}"} if settings.PUSH_METRICS_TOKEN else {}
+    rows: list[dict[str, Any]] = []
+    for target in targets:
+        url = target if target.startswith(("http://", "https://")) else f"http://{target}/metrics"
+        try:
+            response = httpx.get(url, headers=headers, timeout=timeout)
+            response.raise_for_status()
+            rows.append({"target": target, "error": None, **summarize(response.text)})
+        except (httpx.HTTPError, ValueError) as error:
+            rows.append({"target": target, "error": f"{error.__class__.__name__}: {error}"[:200]})
+    return rows

@@ -342,6 +342,9 @@ PUSH_TRUSTED_PROXIES = env_list("PUSH_TRUSTED_PROXIES", ["127.0.0.0/8", "::1/128
 PUSH_METRICS_TOKEN = env_str("PUSH_METRICS_TOKEN")
 # Celery workers serve /metrics on this port when it is set (0: off).
 PUSH_METRICS_PORT = env_int("PUSH_METRICS_PORT", 0)
+# host:port of the nodes, API nodes and workers whose /metrics push_status and
+# the admin's node page read (the figures Prometheus scrapes), comma-separated.
+PUSH_METRICS_TARGETS = env_list("PUSH_METRICS_TARGETS", [])
 # "text" (the default) or "json": one JSON object per log line.
 PUSH_LOG_FORMAT = env_str("PUSH_LOG_FORMAT", "text")
 if PUSH_LOG_FORMAT not in {"text", "json"}:

@@ -19,7 +19,7 @@ from django.conf import settings
 from notifications.client import PushClient
 from tests.conftest import VERIFY_TOKEN
 from tests.scrape import CONTRACT_METRICS, fetch, scrape
-from tests.servers import configuration_environment, daphne_with, prepare_server_database
+from tests.servers import configuration_environment, daphne_with, free_port, prepare_server_database
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -194,3 +194,36 @@ def test_the_dashboard_and_the_alerts_name_only_metrics_that_exist():
     titles = {panel["title"] for panel in dashboard["panels"]}
     for wanted in ("Sockets per node", "Logins/s by result", "Frames/s", "Push API latency", "Backend errors/s"):
         assert wanted in titles
+
+
+async def test_push_status_and_the_admin_show_the_numbers_the_node_exports(node, new_uid, settings, admin_client):
+    from io import StringIO
+
+    from asgiref.sync import sync_to_async
+    from django.core.management import call_command
+
+    url = f"ws://127.0.0.1:{node.port}/ws/push/"
+    sockets = [await websockets.connect(url) for _ in range(2)]
+    try:
+        assert (await login(sockets[0], f"key-{new_uid()}"))["code"] == 200
+        dead = f"127.0.0.1:{free_port()}"
+        out = StringIO()
+        await sync_to_async(call_command)(
+            "push_status", "--json", f"--metrics=127.0.0.1:{node.port},{dead}", stdout=out
+        )
+        rows = json.loads(out.getvalue())["metrics"]
+        exported = scrape(node.port)
+        assert rows[0]["error"] is None
+        assert rows[0]["sockets"] == exported.value("pushsite_sockets") == 2
+        assert rows[0]["logged_in"] == exported.value("pushsite_sockets_logged_in") == 1
+        assert rows[0]["logins_ok"] == exported.value("pushsite_logins_total", result="ok")
+        assert rows[1]["target"] == dead and rows[1]["error"]
+
+        settings.PUSH_METRICS_TARGETS = [f"127.0.0.1:{node.port}"]
+        page = await sync_to_async(admin_client.get)("/admin/connections/node/")
+        assert page.status_code == 200
+        assert page.context["process_metrics"][0]["sockets"] == 2
+        assert b'<td class="sockets">2</td>' in page.content
+    finally:
+        for ws in sockets:
+            await ws.close()

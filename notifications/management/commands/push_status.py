@@ -2,10 +2,12 @@
 
 import json
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 from django.db import DatabaseError
 
 from notifications.status import push_status
+from pushsite import metrics
 
 
 class Command(BaseCommand):
@@ -13,12 +15,19 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("--json", action="store_true", help="machine-readable output")
+        parser.add_argument(
+            "--metrics",
+            metavar="HOST:PORT,...",
+            help="read these processes' /metrics (default: PUSH_METRICS_TARGETS), the figures Prometheus scrapes",
+        )
 
     def handle(self, *args, **options):
         try:
             status = push_status()
         except DatabaseError as error:
             raise CommandError(f"database unavailable: {error}") from error
+        targets = options["metrics"].split(",") if options["metrics"] else settings.PUSH_METRICS_TARGETS
+        status["metrics"] = metrics.read_targets(t.strip() for t in targets if t.strip())
         if options["json"]:
             for schedule in status["schedules"]:
                 run = schedule["last_run"]
@@ -56,3 +65,17 @@ class Command(BaseCommand):
             out.write(f"  {schedule['name']:<20} {schedule['every']:<20} {state:<8} last: {last}")
         jobs = status["jobs"]
         out.write("Jobs: " + ", ".join(f"{state} {n}" for state, n in jobs.items()))
+        out.write(style.MIGRATE_HEADING("Metrics (each process's /metrics)"))
+        if not status["metrics"]:
+            out.write("  no targets; pass --metrics host:port,... or set PUSH_METRICS_TARGETS")
+        for row in status["metrics"]:
+            if row["error"]:
+                out.write(f"  {row['target']:<24} {style.ERROR('unreachable')} ({row['error']})")
+                continue
+            out.write(
+                f"  {row['target']:<24} sockets {row['sockets']:>6.0f}  logged in {row['logged_in']:>6.0f}"
+                f"  logins ok {row['logins_ok']:.0f} refused {row['logins_refused']:.0f}"
+                f" overloaded {row['logins_overloaded']:.0f}  frames {row['frames_sent']:.0f}"
+                f" dropped {row['frames_dropped']:.0f}  stored {row['stored']:.0f}"
+                f"  backend errors {row['backend_errors']:.0f}"
+            )
