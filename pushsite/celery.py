@@ -36,3 +36,13 @@ def _serve_worker_metrics(**kwargs: object) -> None:
         from pushsite.metrics import serve_worker_metrics
 
         serve_worker_metrics(settings.PUSH_METRICS_PORT)
+
+
+@signals.worker_shutdown.connect
+def _remove_metrics_files(**kwargs: object) -> None:
+    # The directory was made for this worker alone (above); its files die with it.
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+    if os.path.basename(directory).startswith("pushsite-metrics-"):
+        import shutil
+
+        shutil.rmtree(directory, ignore_errors=True)

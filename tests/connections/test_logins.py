@@ -17,6 +17,7 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db import connections as db_connections
 from django.test.utils import CaptureQueriesContext
+from prometheus_client import REGISTRY
 
 from connections import logins, services
 from connections.batching import Batcher, loop_batchers
@@ -226,9 +227,11 @@ async def test_logins_stuck_past_the_bound_send_new_sockets_away_with_retry_afte
         for sock, uid in zip(waiting, uids, strict=True):
             await sock.send("login", {"ukey": f"key-{uid}"})
         await asyncio.sleep(0.6)
+        overloaded = REGISTRY.get_sample_value("pushsite_logins_total", {"result": "overloaded"})
         late = await connect()
         kick = await late.recv()
         assert kick["msg_type"] == MsgType.KICK and kick["code"] == Code.UNAVAILABLE
+        assert REGISTRY.get_sample_value("pushsite_logins_total", {"result": "overloaded"}) == overloaded + 1
         assert 1 <= kick["body"]["retry_after"] <= 7
         assert (await late.close_frame())["code"] == CloseCode.TRY_AGAIN_LATER
     finally:
