@@ -21,6 +21,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
+from pushsite import strictjson
+
 
 class MsgType(enum.IntEnum):
     LOGIN = 1
@@ -237,8 +239,10 @@ def parse_frame(text: str | None, *, max_bytes: int) -> ClientFrame | FrameError
     if len(text) > max_bytes or (len(text) * 4 > max_bytes and len(text.encode("utf-8", "surrogatepass")) > max_bytes):
         return FrameError(Code.TOO_LARGE, f"frame larger than {max_bytes} bytes")
     try:
-        data = json.loads(text)
-    except (ValueError, RecursionError):
+        data = strictjson.loads(text)
+    except strictjson.JsonRefused as error:
+        return FrameError(Code.BAD_REQUEST, f"frame refused: {error}")
+    except ValueError:
         return FrameError(Code.BAD_REQUEST, "frame is not valid JSON")
     if not isinstance(data, dict):
         return FrameError(Code.BAD_REQUEST, "frame must be a JSON object")

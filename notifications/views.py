@@ -16,7 +16,6 @@ Guarded by tests/notifications/test_api.py.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import uuid
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from typing import Any
 import redis
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
-from django.db import DatabaseError
+from django.db import DatabaseError, DataError, IntegrityError
 from django.http import HttpRequest, JsonResponse
 from django.http.request import split_domain_port, validate_host
 from django.views.decorators.cache import cache_control
@@ -34,6 +33,7 @@ from pydantic import BaseModel, ValidationError
 
 from connections import bridge
 from connections.protocol import MAX_UNREAD_LIMIT, MsgType
+from pushsite import strictjson
 from pushsite.errors import BackendUnavailable
 
 from . import envelopes, idempotency, services
@@ -160,6 +160,12 @@ def checked_call(
         return response
     except RequestDataTooBig:
         return api_response(413, f"request body larger than {settings.PUSH_API_MAX_REQUEST_BYTES} bytes")
+    except (DataError, IntegrityError) as error:
+        # The database is up and refused this row (a CHECK constraint such as
+        # MariaDB's JSON_VALID, error 4025, or a value out of range): retrying
+        # cannot help, so it is the sender's 400, not an outage's 503.
+        log.warning("push API %s: the database refused the message: %s", path, error)
+        return api_response(400, "the database refused this message (body or field out of range); nothing was stored")
     except (BackendUnavailable, DatabaseError, redis.RedisError) as error:
         log.warning("push API %s: backend unavailable: %s", path, error)
         return api_response(503, "service unavailable: a backend is down, nothing was stored; retry later")
@@ -172,8 +178,10 @@ def parse_body(raw: bytes, envelope: type[BaseModel]) -> Any:
     if not raw:
         raise ApiError(400, "request body is empty; send a JSON object")
     try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError):
+        data = strictjson.loads(raw)
+    except strictjson.JsonRefused as error:
+        raise ApiError(400, f"request body refused: {error}") from None
+    except ValueError:
         raise ApiError(400, "request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise ApiError(400, "request body must be a JSON object")

@@ -275,6 +275,9 @@ PUSH_LOGIN_NEGATIVE_CACHE_TTL = env_int("PUSH_LOGIN_NEGATIVE_CACHE_TTL", 10)
 PUSH_IDLE_TIMEOUT = env_int("PUSH_IDLE_TIMEOUT", 180)
 PUSH_MAX_CONNECTIONS = env_int("PUSH_MAX_CONNECTIONS", 10000)
 PUSH_MAX_FRAME_BYTES = 64 * 1024
+# Deepest JSON nesting a frame or a push API body may have (the outer object is
+# 1); MariaDB's JSON column refuses documents from depth 32 on.
+PUSH_MAX_JSON_DEPTH = env_int("PUSH_MAX_JSON_DEPTH", 20)
 # What may wait in the process for a client that does not read before it is dropped.
 PUSH_MAX_PENDING_BYTES = env_int("PUSH_MAX_PENDING_BYTES", 1024 * 1024)
 # Sockets one uid may hold across all nodes (tabs, devices); a login past it gets 429.
