@@ -56,6 +56,7 @@ class CloseCode(enum.IntEnum):
     """WebSocket close codes the server uses; the comment says whether to retry."""
 
     NORMAL = 1000  # the client asked to go; do not reconnect on its own account
+    POLICY_VIOLATION = 1008  # too many sockets not logged in from one address: reconnect only after closing others
     TRY_AGAIN_LATER = 1013  # server full: retry later, ideally elsewhere
     IDLE_TIMEOUT = 4000  # no frame for PUSH_IDLE_TIMEOUT seconds: reconnect when needed
 
