@@ -59,6 +59,9 @@ class CloseCode(enum.IntEnum):
     POLICY_VIOLATION = 1008  # too many sockets not logged in from one address: reconnect only after closing others
     TRY_AGAIN_LATER = 1013  # server full: retry later, ideally elsewhere
     IDLE_TIMEOUT = 4000  # no frame for PUSH_IDLE_TIMEOUT seconds: reconnect when needed
+    # The user opened more than PUSH_MAX_SOCKETS_PER_USER sockets and this one
+    # was the oldest: terminal, a reconnect would only push out the next oldest.
+    SUPERSEDED = 4001
 
 
 class ClientType(enum.IntEnum):

@@ -280,7 +280,7 @@ PUSH_MAX_FRAME_BYTES = 64 * 1024
 PUSH_MAX_JSON_DEPTH = env_int("PUSH_MAX_JSON_DEPTH", 20)
 # What may wait in the process for a client that does not read before it is dropped.
 PUSH_MAX_PENDING_BYTES = env_int("PUSH_MAX_PENDING_BYTES", 1024 * 1024)
-# Sockets one uid may hold across all nodes (tabs, devices); a login past it gets 429.
+# Sockets one uid may hold across all nodes (tabs, devices); a login past it kicks the oldest (KICK 4001).
 PUSH_MAX_SOCKETS_PER_USER = env_int("PUSH_MAX_SOCKETS_PER_USER", 32)
 # Login attempts that reach the main site (connections/throttle.py): a token
 # bucket per client address and one per server process; a refusal costs two.

@@ -113,3 +113,22 @@ async def test_anonymous_sockets_past_the_cap_get_kick_429_and_close_1008(start_
     assert (await clients[0].login(f"key-{new_uid()}"))["code"] == Code.OK
     newcomer = await ws_connect(daphne)
     assert (await newcomer.request("heartbeat"))["code"] == Code.OK
+
+
+async def test_the_33rd_socket_of_a_user_kicks_the_oldest(start_daphne, ws_connect, new_uid):
+    daphne = start_daphne()  # PUSH_MAX_SOCKETS_PER_USER 32, the default
+    uid = new_uid()
+    clients = []
+    for _ in range(32):
+        client = await ws_connect(daphne)
+        assert (await client.login(f"key-{uid}"))["code"] == Code.OK
+        clients.append(client)
+    newest = await ws_connect(daphne)
+    reply = await newest.login(f"key-{uid}")
+    assert reply["msg_type"] == MsgType.LOGIN and reply["code"] == Code.OK, reply
+    kick = await clients[0].recv()
+    assert kick["msg_type"] == MsgType.KICK and kick["code"] == CloseCode.SUPERSEDED, kick
+    assert await clients[0].closed_with() == CloseCode.SUPERSEDED
+    # Only the oldest went: every other socket, and the newest, still answer as the user.
+    for client in [*clients[1:], newest]:
+        assert (await client.request("heartbeat"))["uid"] == uid
