@@ -27,7 +27,7 @@ from django.core.exceptions import RequestDataTooBig
 from django.db import DatabaseError, DataError, IntegrityError
 from django.http import HttpRequest, JsonResponse
 from django.http.request import split_domain_port, validate_host
-from django.views.decorators.cache import cache_control
+from django.utils.cache import patch_cache_control, patch_vary_headers
 from django.views.decorators.csrf import csrf_exempt
 from pydantic import BaseModel, ValidationError
 
@@ -269,14 +269,30 @@ def job_status(request: HttpRequest, job_id: str) -> JsonResponse:
     )
 
 
-@cache_control(public=True, max_age=300)
+# Host names a derived ws_url may name besides the explicit ALLOWED_HOSTS entries.
+LOCAL_HOSTS = [".localhost", "127.0.0.1", "[::1]"]
+
+
+def _host_named(host: str) -> bool:
+    """Whether ALLOWED_HOSTS names this host itself (a bare "*" names none) or it is local."""
+    domain, _port = split_domain_port(host)
+    named = [pattern for pattern in settings.ALLOWED_HOSTS if pattern != "*"]
+    return bool(domain) and validate_host(domain, named + LOCAL_HOSTS)
+
+
 @api_view(method="GET", signed=False)
 def push_config(request: HttpRequest) -> JsonResponse:
     """What clients need to connect; cacheable for 5 minutes."""
     ws_url = settings.PUSH_WS_PUBLIC_URL
-    if not ws_url:
+    derived = not ws_url
+    if derived:
+        # A URL built from any Host header and cached publicly would let one
+        # request point every client of a shared cache at another server.
+        host = request.get_host()
+        if not _host_named(host):
+            return api_response(400, "Host not allowed for ws_url; set PUSH_WS_PUBLIC_URL or DJANGO_ALLOWED_HOSTS")
         scheme = "wss" if request.is_secure() else "ws"
-        ws_url = f"{scheme}://{request.get_host()}/ws/push/"
+        ws_url = f"{scheme}://{host}/ws/push/"
     response = JsonResponse(
         {
             "ws_url": ws_url,
@@ -290,8 +306,13 @@ def push_config(request: HttpRequest) -> JsonResponse:
             "config_ttl": 300,
         }
     )
-    # Public and the same for every page: the main site's pages (another origin) read it.
+    # The same for every page: the main site's pages (another origin) read it.
     response["Access-Control-Allow-Origin"] = "*"
+    if derived:
+        patch_cache_control(response, private=True, max_age=300)
+        patch_vary_headers(response, ["Host"])
+    else:
+        patch_cache_control(response, public=True, max_age=300)
     return response
 
 

@@ -67,19 +67,48 @@ async def test_many_uids_spread_over_their_shards(api, rows, new_uid):
     assert len({uid % 128 for uid in uids}) > 1
 
 
-async def test_push_config_is_public_and_cacheable(api):
+async def test_push_config_from_a_named_host_is_cacheable_privately(api, settings):
+    settings.ALLOWED_HOSTS = ["testserver"]
     status, answer = await api.call("GET", "/api/push/config", sign=False)
     assert status == 200
     assert answer["ws_url"] == "ws://testserver/ws/push/"
     assert answer["heartbeat"] == 180 and answer["reconnect_delays"] == [60, 120, 180]
+    headers = await config_headers()
+    assert headers[b"Access-Control-Allow-Origin"] == b"*"
+    assert b"max-age=300" in headers[b"Cache-Control"] and b"private" in headers[b"Cache-Control"]
+    assert b"public" not in headers[b"Cache-Control"] and b"Host" in headers[b"Vary"]
+
+
+async def test_push_config_from_the_public_url_is_public(api, settings):
+    settings.PUSH_WS_PUBLIC_URL = "wss://push.example.com/ws/push/"
+    status, answer = await api.call("GET", "/api/push/config", sign=False, headers={"Host": "evil.example"})
+    assert status == 200 and answer["ws_url"] == "wss://push.example.com/ws/push/"
+    headers = await config_headers()
+    assert b"public" in headers[b"Cache-Control"] and b"max-age=300" in headers[b"Cache-Control"]
+
+
+async def test_push_config_never_names_a_host_only_a_wildcard_allows(settings):
     from channels.testing import HttpCommunicator
 
     from pushsite.asgi import application
 
-    response = await HttpCommunicator(application, "GET", "/api/push/config").get_response()
-    headers = dict(response["headers"])
-    assert headers[b"Access-Control-Allow-Origin"] == b"*"
-    assert b"max-age=300" in headers[b"Cache-Control"]
+    settings.ALLOWED_HOSTS = ["*"]
+    settings.PUSH_WS_PUBLIC_URL = ""
+    communicator = HttpCommunicator(application, "GET", "/api/push/config", headers=[(b"host", b"evil.example")])
+    response = await communicator.get_response()
+    assert response["status"] == 400, response
+    assert b"evil.example" not in response["body"]
+    assert b"public" not in dict(response["headers"]).get(b"Cache-Control", b"")
+
+
+async def config_headers() -> dict[bytes, bytes]:
+    from channels.testing import HttpCommunicator
+
+    from pushsite.asgi import application
+
+    communicator = HttpCommunicator(application, "GET", "/api/push/config", headers=[(b"host", b"testserver")])
+    response = await communicator.get_response()
+    return dict(response["headers"])
 
 
 # --- signatures -----------------------------------------------------------------
