@@ -132,3 +132,11 @@ async def test_the_33rd_socket_of_a_user_kicks_the_oldest(start_daphne, ws_conne
     # Only the oldest went: every other socket, and the newest, still answer as the user.
     for client in [*clients[1:], newest]:
         assert (await client.request("heartbeat"))["uid"] == uid
+
+
+async def test_invalid_utf8_in_a_text_frame_closes_with_1007(start_daphne, ws_connect):
+    daphne = start_daphne()
+    client = await ws_connect(daphne)
+    assert (await client.request("heartbeat"))["code"] == Code.OK
+    await client.ws.send(b'{"action": "heartbeat", "x": "\xff\xfe"}', text=True)
+    assert await client.closed_with() == 1007
