@@ -228,7 +228,8 @@ def nested_value(draw: st.DrawFn, depth: int) -> Any:
 def with_duplicate_key(draw: st.DrawFn, payload: dict[str, Any]) -> bytes:
     """The payload's JSON with one key of one object written a second time."""
     text = json.dumps(payload, separators=(",", ":"))
-    spots = [i for i, char in enumerate(text) if char == "{" and text[i + 1] == '"']
+    # The outer object or the body: a "{" found by scanning may sit inside a string.
+    spots = [0, text.index('"body":{') + len('"body":')]
     spot = draw(st.sampled_from(spots))
     _, key_end = json.JSONDecoder().raw_decode(text, spot + 1)
     key = text[spot + 1 : key_end]
