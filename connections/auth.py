@@ -28,7 +28,7 @@ from django.core.cache import cache
 from pushsite import metrics
 from pushsite.errors import BackendUnavailable
 
-from . import bridge
+from . import bridge, throttle
 from .batching import batcher
 
 log = logging.getLogger(__name__)
@@ -181,8 +181,8 @@ async def _verify_shared(key: str, login_key: str) -> int:
         inflight.pop(key, None)
 
 
-async def verify_login(login_key: str) -> int:
-    """The uid a login key belongs to; raises LoginRefused or BackendUnavailable."""
+async def verify_login(login_key: str, *, client: str = "") -> int:
+    """The uid a login key belongs to; raises LoginRefused, LoginThrottled or BackendUnavailable."""
     if dev_verifier_active():
         uid = dev_verify(login_key)
         if not uid:
@@ -192,7 +192,11 @@ async def verify_login(login_key: str) -> int:
     batch = settings.PUSH_LOGIN_BATCH
     cached = await batcher("login-cache-reads", _cache_lookups, max_batch=batch).submit(key)
     if cached is None:
+        # Only what would reach the main site is throttled: a cached answer costs it nothing.
+        throttle.logins.take(client)
         cached = await _verify_shared(key, login_key)
+        if not cached:
+            throttle.logins.charge_refusal(client)
         await batcher("login-cache-writes", _cache_writes, max_batch=batch).submit((key, cached))
     if not cached:
         raise LoginRefused

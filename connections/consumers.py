@@ -29,9 +29,10 @@ from channels.exceptions import StopConsumer
 from django.conf import settings
 
 from pushsite import metrics
+from pushsite.clientaddr import scope_client
 from pushsite.errors import BackendUnavailable
 
-from . import auth, bridge, logins, services
+from . import auth, bridge, logins, services, throttle
 from .groups import user_group
 from .hub import Hub, get_hub
 from .inbox import Unsent, inbox
@@ -65,6 +66,7 @@ class PushConsumer(AsyncConsumer):
         self.hub: Hub | None = None
         self.conn_id: str | None = None
         self.uid = 0
+        self.client = ""  # the client address (pushsite.clientaddr), set at connect
         self._row_uid = 0  # uid of this socket's relation row, online or offline
         self.closed = False
         self.last_active = 0.0
@@ -136,10 +138,19 @@ class PushConsumer(AsyncConsumer):
         self.conn_id = await self.hub.attach(self)
         if self.conn_id is None:
             await self.kick(code=Code.UNAVAILABLE, close_code=CloseCode.TRY_AGAIN_LATER, msg="server full")
+            return
+        self.client = scope_client(self.scope)
+        if not throttle.anonymous.enter(self.client, self):
+            await self.kick(
+                code=Code.TOO_MANY,
+                close_code=CloseCode.POLICY_VIOLATION,
+                msg=f"more than {settings.PUSH_MAX_ANONYMOUS_PER_ADDRESS} sockets not logged in from this address",
+            )
 
     async def websocket_disconnect(self, message: dict[str, Any]) -> None:
         if not self.closed:
             self._session_event("close", self.uid, code=message.get("code"))
+        throttle.anonymous.leave(self.client, self)
         await self._leave_session(closing=True)
         self.closed = True
         if self.hub is not None and self.conn_id is not None:
@@ -153,6 +164,7 @@ class PushConsumer(AsyncConsumer):
         self._session_event("kick", self.uid, code=int(code))
         await self.send_frame(MsgType.KICK, code=code, msg=msg, body=body)
         self.closed = True
+        throttle.anonymous.leave(self.client, self)
         # Clean up before the close frame, so a client that sees the close
         # can rely on its relation row being gone.
         await self._leave_session(closing=True)
@@ -267,7 +279,17 @@ class PushConsumer(AsyncConsumer):
             )
             return
         try:
-            uid = await auth.verify_login(body.login_key)
+            uid = await auth.verify_login(body.login_key, client=self.client)
+        except throttle.LoginThrottled as error:
+            metrics.login("refused")
+            await self.send_frame(
+                MsgType.ERROR,
+                code=Code.TOO_MANY,
+                msg=str(error),
+                body={"retry_after": error.retry_after},
+                seq=frame.seq,
+            )
+            return
         except auth.LoginRefused:
             metrics.login("refused")
             self._session_event("login_refused", 0, code=int(Code.LOGIN_REFUSED))
@@ -309,6 +331,7 @@ class PushConsumer(AsyncConsumer):
             return
         metrics.login("ok")
         self._session_event("login", uid)
+        throttle.anonymous.leave(self.client, self)
         await self.send_frame(MsgType.LOGIN, uid=uid, body={"uid": uid, "unread": session.unread_counts}, seq=frame.seq)
         await self._replay(session.unsent)
 
@@ -334,6 +357,7 @@ class PushConsumer(AsyncConsumer):
         uid = self.uid
         self._session_event("logout", uid)
         await self._leave_session(closing=False)
+        throttle.anonymous.enter(self.client, self, capped=False)
         await self.send_frame(MsgType.LOGOUT, body={"uid": uid}, seq=frame.seq)
 
     async def action_ack(self, frame: ClientFrame) -> None:

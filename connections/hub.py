@@ -134,6 +134,17 @@ class Hub:
         kind = message.get("kind")
         if kind == "push":
             self.loop.create_task(self._deliver(message["groups"]))
+        elif kind == "evict":
+            for conn_id in message["conn_ids"]:
+                consumer = self.sockets.get(conn_id)
+                if consumer is not None and consumer.uid:
+                    self.loop.create_task(
+                        consumer.kick(
+                            code=CloseCode.SUPERSEDED,
+                            close_code=CloseCode.SUPERSEDED,
+                            msg=f"this user opened more than {settings.PUSH_MAX_SOCKETS_PER_USER} sockets",
+                        )
+                    )
         else:
             log.error("dropped a bus message of unknown kind %r", kind)
 

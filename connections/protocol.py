@@ -21,6 +21,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
+from pushsite import strictjson
+
 
 class MsgType(enum.IntEnum):
     LOGIN = 1
@@ -54,8 +56,12 @@ class CloseCode(enum.IntEnum):
     """WebSocket close codes the server uses; the comment says whether to retry."""
 
     NORMAL = 1000  # the client asked to go; do not reconnect on its own account
+    POLICY_VIOLATION = 1008  # too many sockets not logged in from one address: reconnect only after closing others
     TRY_AGAIN_LATER = 1013  # server full: retry later, ideally elsewhere
     IDLE_TIMEOUT = 4000  # no frame for PUSH_IDLE_TIMEOUT seconds: reconnect when needed
+    # The user opened more than PUSH_MAX_SOCKETS_PER_USER sockets and this one
+    # was the oldest: terminal, a reconnect would only push out the next oldest.
+    SUPERSEDED = 4001
 
 
 class ClientType(enum.IntEnum):
@@ -237,8 +243,10 @@ def parse_frame(text: str | None, *, max_bytes: int) -> ClientFrame | FrameError
     if len(text) > max_bytes or (len(text) * 4 > max_bytes and len(text.encode("utf-8", "surrogatepass")) > max_bytes):
         return FrameError(Code.TOO_LARGE, f"frame larger than {max_bytes} bytes")
     try:
-        data = json.loads(text)
-    except (ValueError, RecursionError):
+        data = strictjson.loads(text)
+    except strictjson.JsonRefused as error:
+        return FrameError(Code.BAD_REQUEST, f"frame refused: {error}")
+    except ValueError:
         return FrameError(Code.BAD_REQUEST, "frame is not valid JSON")
     if not isinstance(data, dict):
         return FrameError(Code.BAD_REQUEST, "frame must be a JSON object")

@@ -24,6 +24,9 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from pushsite.errors import BackendUnavailable
+
+from . import bus
 from .inbox import LoginView, inbox
 from .models import Connection, Node, UserStatus
 from .presence import presence
@@ -205,26 +208,47 @@ class TooManySockets(Exception):
     """The user holds PUSH_MAX_SOCKETS_PER_USER sockets already."""
 
 
+def oldest_sockets(uid: int, n: int) -> list[str]:
+    """The conn_ids of a user's ``n`` oldest logged-in sockets, across nodes (by login time, then number)."""
+
+    def age(item: tuple[str, str]) -> tuple[int, str, int]:
+        conn_id, info = item
+        node, _, number = conn_id.rpartition(".")
+        parts = info.split()
+        login_time = int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else 0
+        return (login_time, node, int(number) if number.isdigit() else 0)
+
+    return [conn_id for conn_id, _ in sorted(presence().connections(uid).items(), key=age)[:n]]
+
+
+def sockets_evict(*, conn_ids: list[str]) -> None:
+    """Tell every node to kick these sockets (KICK 4001, close 4001); their own close removes their rows."""
+    if conn_ids:
+        # Without the bus the new login still stands; the user is over the limit until a socket closes.
+        with contextlib.suppress(BackendUnavailable):
+            bus.publish({"kind": "evict", "conn_ids": conn_ids})
+
+
 def sessions_login(*, logins: list[LoginRequest]) -> list[LoginView | TooManySockets]:
     """Log a batch of verified sockets in; for each, what it is shown, or why it was refused.
 
     One presence pipeline counts the users' sockets, one upsert writes the
     accepted rows, one pipeline their presence entries, and the inbox reads
-    the whole batch's counts and unsent messages together. A refused login
-    writes nothing.
+    the whole batch's counts and unsent messages together. A user over
+    PUSH_MAX_SOCKETS_PER_USER keeps the new sockets; the oldest are evicted.
     """
     limit = settings.PUSH_MAX_SOCKETS_PER_USER
     held = presence().counts(list(dict.fromkeys(login.uid for login in logins)))
-    accepted: list[LoginRequest] = []
-    results: list[LoginView | TooManySockets | None] = []
+    accepted: list[LoginRequest] = list(logins)
+    results: list[LoginView | TooManySockets | None] = [None] * len(logins)
     for login in logins:
-        if held[login.uid] >= limit:
-            results.append(TooManySockets(f"uid {login.uid} already holds {held[login.uid]} sockets (limit {limit})"))
-            continue
         held[login.uid] += 1
-        accepted.append(login)
-        results.append(None)
     connections_login(logins=accepted)
+    # A user over the limit loses the oldest sockets, not the newest: whoever
+    # holds a user's key cannot fill the slots and lock the real user out.
+    over = {uid: count - limit for uid, count in held.items() if count > limit}
+    if over:
+        sockets_evict(conn_ids=[conn_id for uid, excess in over.items() for conn_id in oldest_sockets(uid, excess)])
     try:
         views = inbox().logins_read(
             uids={login.uid for login in accepted}, replay_limit=settings.PUSH_LOGIN_REPLAY_LIMIT

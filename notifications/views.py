@@ -16,7 +16,6 @@ Guarded by tests/notifications/test_api.py.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import time
 import uuid
@@ -26,16 +25,16 @@ from typing import Any
 import redis
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
-from django.db import DatabaseError
+from django.db import DatabaseError, DataError, IntegrityError
 from django.http import HttpRequest, JsonResponse
 from django.http.request import split_domain_port, validate_host
-from django.views.decorators.cache import cache_control
+from django.utils.cache import patch_cache_control, patch_vary_headers
 from django.views.decorators.csrf import csrf_exempt
 from pydantic import BaseModel, ValidationError
 
 from connections import bridge
 from connections.protocol import MAX_UNREAD_LIMIT, MsgType
-from pushsite import metrics
+from pushsite import metrics, strictjson
 from pushsite.errors import BackendUnavailable
 
 from . import envelopes, idempotency, services
@@ -179,6 +178,12 @@ def _checked_call(
         return response
     except RequestDataTooBig:
         return api_response(413, f"request body larger than {settings.PUSH_API_MAX_REQUEST_BYTES} bytes")
+    except (DataError, IntegrityError) as error:
+        # The database is up and refused this row (a CHECK constraint such as
+        # MariaDB's JSON_VALID, error 4025, or a value out of range): retrying
+        # cannot help, so it is the sender's 400, not an outage's 503.
+        log.warning("push API %s: the database refused the message: %s", path, error)
+        return api_response(400, "the database refused this message (body or field out of range); nothing was stored")
     except (BackendUnavailable, DatabaseError, redis.RedisError) as error:
         if isinstance(error, DatabaseError):
             metrics.backend_error("mysql")
@@ -195,8 +200,10 @@ def parse_body(raw: bytes, envelope: type[BaseModel]) -> Any:
     if not raw:
         raise ApiError(400, "request body is empty; send a JSON object")
     try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError):
+        data = strictjson.loads(raw)
+    except strictjson.JsonRefused as error:
+        raise ApiError(400, f"request body refused: {error}") from None
+    except ValueError:
         raise ApiError(400, "request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise ApiError(400, "request body must be a JSON object")
@@ -284,14 +291,30 @@ def job_status(request: HttpRequest, job_id: str) -> JsonResponse:
     )
 
 
-@cache_control(public=True, max_age=300)
+# Host names a derived ws_url may name besides the explicit ALLOWED_HOSTS entries.
+LOCAL_HOSTS = [".localhost", "127.0.0.1", "[::1]"]
+
+
+def _host_named(host: str) -> bool:
+    """Whether ALLOWED_HOSTS names this host itself (a bare "*" names none) or it is local."""
+    domain, _port = split_domain_port(host)
+    named = [pattern for pattern in settings.ALLOWED_HOSTS if pattern != "*"]
+    return bool(domain) and validate_host(domain, named + LOCAL_HOSTS)
+
+
 @api_view(method="GET", signed=False)
 def push_config(request: HttpRequest) -> JsonResponse:
     """What clients need to connect; cacheable for 5 minutes."""
     ws_url = settings.PUSH_WS_PUBLIC_URL
-    if not ws_url:
+    derived = not ws_url
+    if derived:
+        # A URL built from any Host header and cached publicly would let one
+        # request point every client of a shared cache at another server.
+        host = request.get_host()
+        if not _host_named(host):
+            return api_response(400, "Host not allowed for ws_url; set PUSH_WS_PUBLIC_URL or DJANGO_ALLOWED_HOSTS")
         scheme = "wss" if request.is_secure() else "ws"
-        ws_url = f"{scheme}://{request.get_host()}/ws/push/"
+        ws_url = f"{scheme}://{host}/ws/push/"
     response = JsonResponse(
         {
             "ws_url": ws_url,
@@ -305,8 +328,13 @@ def push_config(request: HttpRequest) -> JsonResponse:
             "config_ttl": 300,
         }
     )
-    # Public and the same for every page: the main site's pages (another origin) read it.
+    # The same for every page: the main site's pages (another origin) read it.
     response["Access-Control-Allow-Origin"] = "*"
+    if derived:
+        patch_cache_control(response, private=True, max_age=300)
+        patch_vary_headers(response, ["Host"])
+    else:
+        patch_cache_control(response, public=True, max_age=300)
     return response
 
 

@@ -63,6 +63,14 @@ time (bench/README.md, storm). The three names in
 object formatting itself on demand, so a debug log, when on, reads the same.
 Guarded by tests/test_server.py::test_autobahn_debug_arguments_are_built_only_when_formatted.
 
+8. Close a text frame of invalid UTF-8 with 1007. autobahn finds it, but
+fails the connection by dropping TCP (``failByDrop``, on by default for a
+server), so the client saw 1006 and a reset instead of the contract's close.
+The socket's protocol turns ``failByDrop`` off when such a frame arrives, so
+autobahn sends the close frame with 1007 and skips the frame; daphne never
+sees it. Guarded by
+tests/connections/test_daphne_limits.py::test_invalid_utf8_in_a_text_frame_closes_with_1007.
+
 Each item has an entry in ``PATCHES``: the versions of daphne, autobahn and
 Twisted it was written for, the upstream names it replaces or relies on, the
 upstream behaviour it replaces and when a later version could drop it.
@@ -280,6 +288,22 @@ PATCHES = (
             Upstream(f"{_WS}:WebSocketProtocol.sendData", uses=("hltype", "hlval")),
         ),
     ),
+    Patch(
+        8,
+        "invalid UTF-8 closes with 1007",
+        {"autobahn": AUTOBAHN},
+        replaces="autobahn's _invalid_payload fails the connection by dropping TCP when failByDrop is on "
+        "(a server's default), so a text frame of invalid UTF-8 reset the connection instead of closing it with 1007",
+        drop_when="autobahn sends the 1007 close frame for invalid UTF-8 whatever failByDrop says",
+        upstream=(
+            Upstream(
+                f"{_WS}:WebSocketProtocol._invalid_payload",
+                ("self", "reason"),
+                uses=("_fail_connection", "failByDrop"),
+                replaced=True,
+            ),
+        ),
+    ),
 )
 
 
@@ -414,6 +438,11 @@ def install_close_codes() -> bool:
             # The scope's header list (this same list) was read by the origin
             # check before the accept; nothing reads it once the socket is open.
             self.clean_headers.clear()
+
+        def _invalid_payload(self, reason):
+            # Item 8: send the close frame (1007) rather than drop the TCP connection.
+            self.failByDrop = False
+            return super()._invalid_payload(reason)
 
         def serverClose(self, code=None):
             if code in SERVER_CLOSE_CODES:

@@ -284,10 +284,24 @@ PUSH_LOGIN_NEGATIVE_CACHE_TTL = env_int("PUSH_LOGIN_NEGATIVE_CACHE_TTL", 10)
 PUSH_IDLE_TIMEOUT = env_int("PUSH_IDLE_TIMEOUT", 180)
 PUSH_MAX_CONNECTIONS = env_int("PUSH_MAX_CONNECTIONS", 10000)
 PUSH_MAX_FRAME_BYTES = 64 * 1024
+# Deepest JSON nesting a frame or a push API body may have (the outer object is
+# 1); MariaDB's JSON column refuses documents from depth 32 on.
+PUSH_MAX_JSON_DEPTH = env_int("PUSH_MAX_JSON_DEPTH", 20)
 # What may wait in the process for a client that does not read before it is dropped.
 PUSH_MAX_PENDING_BYTES = env_int("PUSH_MAX_PENDING_BYTES", 1024 * 1024)
-# Sockets one uid may hold across all nodes (tabs, devices); a login past it gets 429.
+# Sockets one uid may hold across all nodes (tabs, devices); a login past it kicks the oldest (KICK 4001).
 PUSH_MAX_SOCKETS_PER_USER = env_int("PUSH_MAX_SOCKETS_PER_USER", 32)
+# Login attempts that reach the main site (connections/throttle.py): a token
+# bucket per client address and one per server process; a refusal costs two.
+# The test profile starts high, because every test client shares loopback;
+# the tests of the limits set them.
+_LIMIT_SCALE = 1000 if PUSH_ENV == "test" else 1
+PUSH_LOGIN_RATE_PER_ADDRESS = float(env_str("PUSH_LOGIN_RATE_PER_ADDRESS", str(1 * _LIMIT_SCALE)))
+PUSH_LOGIN_BURST_PER_ADDRESS = env_int("PUSH_LOGIN_BURST_PER_ADDRESS", 20 * _LIMIT_SCALE)
+PUSH_LOGIN_RATE_PER_NODE = float(env_str("PUSH_LOGIN_RATE_PER_NODE", str(200 * _LIMIT_SCALE)))
+PUSH_LOGIN_BURST_PER_NODE = env_int("PUSH_LOGIN_BURST_PER_NODE", 1000 * _LIMIT_SCALE)
+# Sockets not logged in that one client address may hold in one process.
+PUSH_MAX_ANONYMOUS_PER_ADDRESS = env_int("PUSH_MAX_ANONYMOUS_PER_ADDRESS", 64 * _LIMIT_SCALE)
 # Token bucket per socket: a steady rate and a burst allowance.
 PUSH_FRAME_RATE = float(env_str("PUSH_FRAME_RATE", "20"))
 PUSH_FRAME_BURST = env_int("PUSH_FRAME_BURST", 40)

@@ -302,17 +302,19 @@ async def test_hub_housekeeping_stops_when_the_last_socket_closes(connect):
     assert hub._tasks == [] and hub.sockets == {}
 
 
-async def test_sockets_per_user_are_limited_and_the_refused_socket_lives(connect, verifier, settings, new_uid):
+async def test_a_login_past_the_sockets_per_user_kicks_the_oldest_socket(connect, verifier, settings, new_uid):
     settings.PUSH_MAX_SOCKETS_PER_USER = 2
     uid = new_uid()
     first = await connect()
     await first.login(f"key-{uid}")
-    await (await connect()).login(f"key-{uid}")
+    second = await connect()
+    await second.login(f"key-{uid}")
     third = await connect()
     reply = await third.login(f"key-{uid}")
-    assert reply["msg_type"] == MsgType.ERROR and reply["code"] == Code.TOO_MANY
-    assert "limit 2" in reply["msg"]
+    assert reply["msg_type"] == MsgType.LOGIN and reply["code"] == 200, reply
+    kick = await first.recv()
+    assert kick["msg_type"] == MsgType.KICK and kick["code"] == CloseCode.SUPERSEDED, kick
+    assert (await first.close_frame())["code"] == CloseCode.SUPERSEDED
     assert len(await relation_rows(uid)) == 2
-    assert (await third.request("heartbeat"))["code"] == 200
-    await first.communicator.disconnect()
-    assert (await third.login(f"key-{uid}"))["code"] == 200
+    assert (await second.request("heartbeat"))["uid"] == uid
+    assert (await third.request("heartbeat"))["uid"] == uid

@@ -150,20 +150,18 @@ def test_the_replay_limit_holds_per_user_in_a_batch(new_uid):
     assert inbox().logins_read(uids=uids, replay_limit=0)[uids[5]].unsent == []
 
 
-def test_a_login_past_the_socket_limit_writes_no_row_and_no_presence_entry(new_uid, settings):
+def test_a_login_past_the_socket_limit_is_taken_and_the_oldest_sockets_are_named(new_uid, settings):
     settings.PUSH_MAX_SOCKETS_PER_USER = 2
     uid, other = new_uid(), new_uid()
     logins = [
         services.LoginRequest(uid=uid, conn_id=f"lim.{n}", node="lim", client_type=ClientType.WEB) for n in range(3)
     ] + [services.LoginRequest(uid=other, conn_id="lim.other", node="lim", client_type=ClientType.APP)]
     results = services.sessions_login(logins=logins)
-    assert [type(r).__name__ for r in results] == ["LoginView", "LoginView", "TooManySockets", "LoginView"]
-    assert sorted(Connection.objects.filter(node="lim").values_list("conn_id", flat=True)) == [
-        "lim.0",
-        "lim.1",
-        "lim.other",
-    ]
-    assert set(presence().connections(uid)) == {"lim.0", "lim.1"}
+    assert [type(r).__name__ for r in results] == ["LoginView"] * 4
+    assert set(presence().connections(uid)) == {"lim.0", "lim.1", "lim.2"}
+    # The oldest goes: by login time, then by socket number (lim.10 is newer than lim.9).
+    assert services.oldest_sockets(uid, 1) == ["lim.0"]
+    assert services.oldest_sockets(other, 1) == ["lim.other"]
 
 
 def test_logging_in_again_after_logout_updates_the_socket_row(new_uid):

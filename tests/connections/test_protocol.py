@@ -421,3 +421,45 @@ def test_parse_frame_never_raises_and_returns_an_envelope(text, max_bytes):
             }[result.action]
         )
         assert result.seq is None or (type(result.seq) is int and 0 <= result.seq <= MAX_SEQ)
+
+
+# --- strict JSON: duplicate keys and nesting depth ---------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"action": "heartbeat", "action": "login", "body": {"ukey": "k"}}',
+        '{"action": "login", "body": {"ukey": "a", "ukey": "b"}}',
+        '{"action": "ack", "body": {"noce_ack": "x"}, "seq": 1, "seq": 2}',
+    ],
+)
+def test_a_frame_with_a_duplicate_key_is_400(text):
+    error = refused(text)
+    assert error.code == Code.BAD_REQUEST and "duplicate key" in error.msg, error
+
+
+def test_a_frame_nested_deeper_than_the_limit_is_400_naming_the_limit():
+    from django.conf import settings as django_settings
+
+    limit = django_settings.PUSH_MAX_JSON_DEPTH
+    body: dict = {}
+    for _ in range(limit - 1):  # the frame is depth 1, its body depth 2
+        body = {"a": body}
+    error = refused({"action": "heartbeat", "body": body})
+    assert error.code == Code.BAD_REQUEST and f"deeper than {limit}" in error.msg, error
+
+
+def test_a_frame_nested_far_past_what_python_recurses_is_400():
+    error = refused('{"action": "heartbeat", "body": ' + "[" * 30_000 + "]" * 30_000 + "}")
+    assert error.code == Code.BAD_REQUEST and "deeper than" in error.msg, error
+
+
+def test_a_frame_at_the_depth_limit_reaches_its_body_check():
+    from django.conf import settings as django_settings
+
+    body: dict = {}
+    for _ in range(django_settings.PUSH_MAX_JSON_DEPTH - 2):
+        body = {"a": body}
+    error = refused({"action": "heartbeat", "body": body})
+    assert "unknown field" in error.msg and "deeper" not in error.msg, error

@@ -216,6 +216,54 @@ async def test_raw_bytes_that_are_not_json_are_refused_with_400(api, jobs_inline
     assert status in (200, 400)  # the one 200: the first of a repeated key is not a job
 
 
+# --- strict JSON: nesting depth and duplicate keys ----------------------------
+
+
+@st.composite
+def nested_value(draw: st.DrawFn, depth: int) -> Any:
+    """A JSON value exactly ``depth`` containers deep, each an object or a list."""
+    value: Any = draw(st.sampled_from([{}, [], {"k": 1}, [1]]))
+    for _ in range(depth - 1):
+        value = {draw(st.sampled_from(["a", "b", "x"])): value} if draw(st.booleans()) else [value]
+    return value
+
+
+@st.composite
+def with_duplicate_key(draw: st.DrawFn, payload: dict[str, Any]) -> bytes:
+    """The payload's JSON with one key of one object written a second time."""
+    text = json.dumps(payload, separators=(",", ":"))
+    # The outer object or the body: a "{" found by scanning may sit inside a string.
+    spots = [0, text.index('"body":{') + len('"body":')]
+    spot = draw(st.sampled_from(spots))
+    _, key_end = json.JSONDecoder().raw_decode(text, spot + 1)
+    key = text[spot + 1 : key_end]
+    extra = draw(st.sampled_from(["1", "null", '"x"', "{}"]))
+    return (text[: spot + 1] + f"{key}:{extra}," + text[spot + 1 :]).encode()
+
+
+@fixtures_shared
+@given(depth=st.integers(min_value=1, max_value=60), data=st.data())
+async def test_a_body_is_stored_up_to_the_depth_limit_and_refused_past_it(api, jobs_inline, depth, data):
+    uid = data.draw(st.integers(min_value=10**12, max_value=10**13), label="uid")
+    payload = {"uids": [uid], "body": {"v": data.draw(nested_value(depth), label="v")}}
+    status = await check_answer(api, USER, payload)
+    # The request is depth 1, its body 2, and "v" in it 3 onward.
+    assert status == (200 if depth + 2 <= settings.PUSH_MAX_JSON_DEPTH else 400), (depth, status)
+
+
+@fixtures_shared
+@given(data=st.data())
+async def test_a_duplicate_key_anywhere_in_a_body_is_400_and_stores_nothing(api, jobs_inline, data):
+    uid = data.draw(st.integers(min_value=10**12, max_value=10**13), label="uid")
+    body = data.draw(st.dictionaries(st.sampled_from(["t", "u", "n"]), json_values, min_size=1, max_size=3))
+    payload = {"uids": [uid], "body": body}
+    raw = data.draw(with_duplicate_key(payload), label="raw")
+    before, _ = await stored_counts([uid])
+    status, answer = await api.post(USER, raw=raw)
+    assert status == 400 and "duplicate key" in answer["msg"], (raw[:200], answer)
+    assert (await stored_counts([uid]))[0] == before
+
+
 # --- a live socket ------------------------------------------------------------
 
 
@@ -307,3 +355,25 @@ def test_a_live_socket_answers_every_frame_stays_open_and_still_heartbeats(fuzz_
     reply = read_frame(live_socket)
     assert (reply["msg_type"], reply["code"], reply["seq"]) == (3, 200, 99)
     assert "Traceback" not in fuzz_server.output()
+
+
+def test_a_live_socket_refuses_deep_frames_and_duplicate_keys_with_400(fuzz_server, live_socket):
+    limit = settings.PUSH_MAX_JSON_DEPTH
+
+    @given(depth=st.integers(min_value=1, max_value=80), duplicate=st.booleans(), data=st.data())
+    def refused(depth: int, duplicate: bool, data: st.DataObject) -> None:
+        frame = {"action": "unread", "body": {"limit": 5, "x": data.draw(nested_value(depth))}}
+        text = data.draw(with_duplicate_key(frame)).decode() if duplicate else json.dumps(frame)
+        live_socket.send(text)
+        reply = read_frame(live_socket)
+        assert reply["msg_type"] == 9 and reply["code"] == 400, reply
+        if duplicate:
+            assert "duplicate key" in reply["msg"], reply
+        elif depth + 2 > limit:
+            assert f"deeper than {limit}" in reply["msg"], reply
+        else:  # within the limit: the body check names the unknown field
+            assert "unknown field" in reply["msg"], reply
+
+    refused()
+    live_socket.send(json.dumps({"action": "heartbeat", "seq": 7}))
+    assert read_frame(live_socket)["code"] == 200

@@ -67,19 +67,48 @@ async def test_many_uids_spread_over_their_shards(api, rows, new_uid):
     assert len({uid % 128 for uid in uids}) > 1
 
 
-async def test_push_config_is_public_and_cacheable(api):
+async def test_push_config_from_a_named_host_is_cacheable_privately(api, settings):
+    settings.ALLOWED_HOSTS = ["testserver"]
     status, answer = await api.call("GET", "/api/push/config", sign=False)
     assert status == 200
     assert answer["ws_url"] == "ws://testserver/ws/push/"
     assert answer["heartbeat"] == 180 and answer["reconnect_delays"] == [60, 120, 180]
+    headers = await config_headers()
+    assert headers[b"Access-Control-Allow-Origin"] == b"*"
+    assert b"max-age=300" in headers[b"Cache-Control"] and b"private" in headers[b"Cache-Control"]
+    assert b"public" not in headers[b"Cache-Control"] and b"Host" in headers[b"Vary"]
+
+
+async def test_push_config_from_the_public_url_is_public(api, settings):
+    settings.PUSH_WS_PUBLIC_URL = "wss://push.example.com/ws/push/"
+    status, answer = await api.call("GET", "/api/push/config", sign=False, headers={"Host": "evil.example"})
+    assert status == 200 and answer["ws_url"] == "wss://push.example.com/ws/push/"
+    headers = await config_headers()
+    assert b"public" in headers[b"Cache-Control"] and b"max-age=300" in headers[b"Cache-Control"]
+
+
+async def test_push_config_never_names_a_host_only_a_wildcard_allows(settings):
     from channels.testing import HttpCommunicator
 
     from pushsite.asgi import application
 
-    response = await HttpCommunicator(application, "GET", "/api/push/config").get_response()
-    headers = dict(response["headers"])
-    assert headers[b"Access-Control-Allow-Origin"] == b"*"
-    assert b"max-age=300" in headers[b"Cache-Control"]
+    settings.ALLOWED_HOSTS = ["*"]
+    settings.PUSH_WS_PUBLIC_URL = ""
+    communicator = HttpCommunicator(application, "GET", "/api/push/config", headers=[(b"host", b"evil.example")])
+    response = await communicator.get_response()
+    assert response["status"] == 400, response
+    assert b"evil.example" not in response["body"]
+    assert b"public" not in dict(response["headers"]).get(b"Cache-Control", b"")
+
+
+async def config_headers() -> dict[bytes, bytes]:
+    from channels.testing import HttpCommunicator
+
+    from pushsite.asgi import application
+
+    communicator = HttpCommunicator(application, "GET", "/api/push/config", headers=[(b"host", b"testserver")])
+    response = await communicator.get_response()
+    return dict(response["headers"])
 
 
 # --- signatures -----------------------------------------------------------------
@@ -313,3 +342,60 @@ async def test_django_route_of_the_push_api_answers_as_the_fast_path(rows, new_u
     assert status == 200 and answer["data"]["stored"] == 1
     (row,) = await rows(uid)
     assert row.body == {"via": "django"} and answer["data"]["noce_acks"] == {str(uid): row.noce_ack}
+
+
+# --- bodies the store cannot hold -----------------------------------------------
+
+
+def nested(depth: int) -> dict:
+    """A body whose own nesting is ``depth`` objects."""
+    value: dict = {}
+    for _ in range(depth - 1):
+        value = {"a": value}
+    return value
+
+
+async def test_a_body_nested_40_deep_is_400_and_stores_nothing(api, new_uid, settings):
+    uid = new_uid()
+    status, answer = await api.post(USER, {"uids": [uid], "body": nested(40)})
+    assert status == 400 and answer["code"] == 400
+    assert f"deeper than {settings.PUSH_MAX_JSON_DEPTH}" in answer["msg"], answer["msg"]
+    assert await nothing_stored_for(uid)
+
+
+async def test_a_body_at_the_depth_limit_is_stored(api, new_uid, settings, rows):
+    uid = new_uid()
+    # The request object is depth 1, so its body may be one level less deep.
+    status, answer = await api.post(USER, {"uids": [uid], "body": nested(settings.PUSH_MAX_JSON_DEPTH - 1)})
+    assert status == 200, answer
+    assert not await nothing_stored_for(uid)
+
+
+async def test_a_row_the_database_refuses_is_not_a_503(api, new_uid, settings):
+    from django.db import connection
+
+    # Let a 40-deep body past the edge, so the database itself judges it.
+    settings.PUSH_MAX_JSON_DEPTH = 100
+    uid = new_uid()
+    status, answer = await api.post(USER, {"uids": [uid], "body": nested(40)})
+    assert status != 503, answer
+    if connection.vendor == "mysql":
+        # MariaDB's JSON_VALID check refuses it (error 4025): the sender's fault.
+        assert status == 400 and "database refused" in answer["msg"], answer
+        assert await nothing_stored_for(uid)
+    else:
+        assert status == 200, answer
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"uids": [1], "uids": [2], "body": {}}',
+        b'{"uids": [1], "body": {"title": "a", "title": "b"}}',
+        b'{"uids": [1], "body": {"deep": {"k": 1, "k": 2}}}',
+    ],
+)
+async def test_duplicate_keys_in_a_body_get_400_and_store_nothing(api, raw):
+    status, answer = await api.post(USER, raw=raw)
+    assert status == 400 and "duplicate key" in answer["msg"], answer
+    assert await nothing_stored_for(1) and await nothing_stored_for(2)

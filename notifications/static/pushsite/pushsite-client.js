@@ -326,8 +326,9 @@ export class PushClient extends EventTarget {
     this._clearTimer("connect");
     this._ws = null;
     this._stopSession(`connection closed (${event.code})`);
-    // 1000 from the server means it ended the session on purpose: do not come back on our own.
-    if (event.code === 1000 && !wasOpening) {
+    // 1000 from the server means it ended the session on purpose, and 4001 that a
+    // newer socket of the user took this one's place: do not come back on our own.
+    if ((event.code === 1000 || event.code === 4001) && !wasOpening) {
       this._wanted = false;
       this._lossAt = null;
       this._retryAfterMs = null;
