@@ -1,18 +1,28 @@
-"""The fan-out bus: one message per publish, received once by every server process.
+"""The fan-out bus: bus messages addressed to the server processes that hold their sockets.
 
-With Redis this is one pub/sub channel, ``<prefix>:fanout``, and each process
-holds exactly one subscription to it (``Hub``); a broadcast to every online
-user therefore costs one Redis message per process, whatever the number of
+With Redis every server process (a node, ``services.node_id()``) holds one
+subscription (``Hub``) to two pub/sub channels: its own,
+``<prefix>:node:<node id>``, and the broadcast channel ``<prefix>:fanout``.
+A push is published only on the channels of the nodes that the users'
+presence entries name (notifications/publish.py does the look-up and the
+publish in one script call), so a node that holds none of a push's users
+neither receives nor parses it, and the cost of a push does not grow with the
+size of the cluster. A broadcast to every online user costs one Redis message
+per node that holds any of them (per chunk of users), whatever the number of
 sockets. Without Redis (embedded default, one process) a publish is handed to
-the hubs of this process directly.
+the hubs of this process directly, by the same addressing.
 
 A bus message is a dict; ``kind`` says what it carries:
 
 * ``push``: ``{"kind": "push", "groups": [{"msg_type", "from_uid", "body",
   "to": [[uid, noce_ack], ...]}]}`` - stored notifications for some users.
 
+* ``evict``: ``{"kind": "evict", "conn_ids": [...]}`` - sockets to kick
+  (KICK 4001); sent to the nodes the connection ids name.
+
 Pub/sub is at-most-once: a process that is not subscribed at that moment
-misses the message. Nothing is lost by that: every pushed notification is
+misses the message, and a node that got a push for a socket it no longer
+holds changes nothing. Nothing is lost by either: every pushed notification is
 stored first, unsent, and goes out on the user's next login or periodic run.
 
 Guarded by tests/notifications/test_delivery.py and tests/connections/test_bridge.py (the ping).
@@ -25,7 +35,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import redis
@@ -37,26 +47,64 @@ from pushsite.redis_client import get_async_redis, get_redis, redis_configured
 
 log = logging.getLogger(__name__)
 
-# Hubs of this process that take embedded-mode publishes: loop -> handler.
-_local_handlers: dict[asyncio.AbstractEventLoop, Callable[[dict[str, Any]], None]] = {}
+# Hubs of this process that take embedded-mode publishes: loop -> (node, handler).
+_local_handlers: dict[asyncio.AbstractEventLoop, tuple[str, Callable[[dict[str, Any]], None]]] = {}
 
 
-def channel_name() -> str:
+def broadcast_channel() -> str:
+    """The channel every server process subscribes to."""
     return f"{settings.PUSH_REDIS_PREFIX}:fanout"
 
 
-def publish(message: dict[str, Any]) -> int:
-    """Send one bus message to every server process; returns how many got it."""
-    if redis_configured():
-        with redis_call():
-            return get_redis().publish(channel_name(), json.dumps(message, separators=(",", ":")))
+def node_channel_prefix() -> str:
+    return f"{settings.PUSH_REDIS_PREFIX}:node:"
+
+
+def node_channel(node: str) -> str:
+    """The channel only the server process ``node`` subscribes to."""
+    return node_channel_prefix() + node
+
+
+def node_of(conn_id: str) -> str:
+    """The node a connection id belongs to (ids are ``<node>.<n>``)."""
+    return conn_id.rpartition(".")[0]
+
+
+def publish(message: dict[str, Any], *, nodes: Iterable[str] | None = None) -> int:
+    """Send one bus message to these nodes (None: every server process); returns how many got it."""
+    if nodes is None:
+        if redis_configured():
+            with redis_call():
+                return get_redis().publish(broadcast_channel(), json.dumps(message, separators=(",", ":")))
+        return _publish_local([(None, message)])
+    return publish_addressed([(node, message) for node in set(nodes)])
+
+
+def publish_addressed(addressed: Iterable[tuple[str, dict[str, Any]]]) -> int:
+    """Send each message to its node only, in one Redis round trip; returns how many got one."""
+    addressed = list(addressed)
+    if not addressed:
+        return 0
+    if not redis_configured():
+        return _publish_local(addressed)
+    pipe = get_redis().pipeline(transaction=False)
+    for node, message in addressed:
+        pipe.publish(node_channel(node), json.dumps(message, separators=(",", ":")))
+    with redis_call():
+        return sum(pipe.execute())
+
+
+def _publish_local(addressed: list[tuple[str | None, dict[str, Any]]]) -> int:
+    """The embedded bus: hand each message to the hubs of this process it is addressed to (None: all)."""
     delivered = 0
-    for loop, handler in list(_local_handlers.items()):
+    for loop, (node, handler) in list(_local_handlers.items()):
         if loop.is_closed():
             _local_handlers.pop(loop, None)
             continue
-        loop.call_soon_threadsafe(_received, handler, message)
-        delivered += 1
+        for target, message in addressed:
+            if target is None or target == node:
+                loop.call_soon_threadsafe(_received, handler, message)
+                delivered += 1
     return delivered
 
 
@@ -104,37 +152,48 @@ def check_available() -> None:
 
 
 async def subscribe(
+    node: str,
     handler: Callable[[dict[str, Any]], None],
     ready: asyncio.Event,
     resubscribed: Callable[[], None] | None = None,
 ) -> None:
-    """Feed every bus message to handler until cancelled; reconnects after failures.
+    """Feed every bus message for ``node`` (and every broadcast) to handler until cancelled.
 
+    Reconnects after failures; with Redis Sentinel the new connection goes to
+    whichever server is the master now (pushsite/redis_client.py).
     ``resubscribed`` is called each time the subscription is back after a
-    loss: Redis may have restarted and lost what it held.
+    loss: Redis may have restarted, or failed over, and lost what it held.
     """
     loop = asyncio.get_running_loop()
     if not redis_configured():
-        _local_handlers[loop] = handler
+        _local_handlers[loop] = (node, handler)
         ready.set()
         try:
             await asyncio.Event().wait()
         finally:
             _local_handlers.pop(loop, None)
         return
+    mine = node_channel(node)
+    confirmed = 0  # confirmations of this node's subscription, over every connection
     delay = 0.2
-    lost = False
     while True:
-        pubsub = get_async_redis().pubsub(ignore_subscribe_messages=True)
+        pubsub = get_async_redis().pubsub()
         try:
-            await pubsub.subscribe(channel_name())
+            await pubsub.subscribe(broadcast_channel(), mine)
             ready.set()
-            delay = 0.2
-            if lost and resubscribed is not None:
-                resubscribed()
-            lost = False
             async for item in pubsub.listen():
-                if item.get("type") != "message":
+                kind = item.get("type")
+                if kind == "subscribe":
+                    # Every confirmation after the first is a subscription that
+                    # came back: redis-py may reconnect inside listen() without
+                    # raising, on the same server or, after a failover, another.
+                    if item.get("channel") == mine:
+                        confirmed += 1
+                        delay = 0.2
+                        if confirmed > 1 and resubscribed is not None:
+                            resubscribed()
+                    continue
+                if kind != "message":
                     continue
                 try:
                     message = json.loads(item["data"])
@@ -146,7 +205,6 @@ async def subscribe(
         except asyncio.CancelledError:
             raise
         except (redis.RedisError, OSError) as error:
-            lost = True
             log.warning("bus subscription lost (%s); resubscribing in %.1fs", error.__class__.__name__, delay)
         finally:
             with contextlib.suppress(redis.RedisError, OSError):

@@ -200,7 +200,7 @@ class Hub:
         ready = asyncio.Event()
         tasks = [
             self.loop.create_task(
-                bus.subscribe(self.on_bus_message, ready, self.on_bus_resubscribed), name="pushsite-bus"
+                bus.subscribe(self.node, self.on_bus_message, ready, self.on_bus_resubscribed), name="pushsite-bus"
             ),
             self.loop.create_task(self._sweep_idle(), name="pushsite-idle"),
             self.loop.create_task(self._node_loop(), name="pushsite-node"),

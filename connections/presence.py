@@ -19,6 +19,11 @@ def online_key(uid: int) -> str:
     return f"{settings.PUSH_REDIS_PREFIX}:online:{uid}"
 
 
+def _nodes_of(infos: list[str] | tuple[str, ...]) -> set[str]:
+    """The nodes named by presence values ("<node> <client_type> <epoch>")."""
+    return {info.split(" ", 1)[0] for info in infos}
+
+
 class _LocalPresence:
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -53,6 +58,11 @@ class _LocalPresence:
     def online(self, uids: list[int]) -> set[int]:
         with self._lock:
             return {uid for uid in uids if self._data.get(uid)}
+
+    def nodes(self, uids: list[int]) -> dict[int, set[str]]:
+        """The nodes holding each online uid's sockets; offline uids are left out."""
+        with self._lock:
+            return {uid: _nodes_of(tuple(conns.values())) for uid in uids if (conns := self._data.get(uid))}
 
 
 class _RedisPresence:
@@ -94,6 +104,15 @@ class _RedisPresence:
         for uid in uids:
             pipe.exists(online_key(uid))
         return {uid for uid, found in zip(uids, pipe.execute(), strict=True) if found}
+
+    def nodes(self, uids: list[int]) -> dict[int, set[str]]:
+        """The nodes holding each online uid's sockets, in one round trip; offline uids are left out."""
+        if not uids:
+            return {}
+        pipe = get_redis().pipeline(transaction=False)
+        for uid in uids:
+            pipe.hvals(online_key(uid))
+        return {uid: _nodes_of(infos) for uid, infos in zip(uids, pipe.execute(), strict=True) if infos}
 
 
 _local = _LocalPresence()

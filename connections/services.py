@@ -222,11 +222,11 @@ def oldest_sockets(uid: int, n: int) -> list[str]:
 
 
 def sockets_evict(*, conn_ids: list[str]) -> None:
-    """Tell every node to kick these sockets (KICK 4001, close 4001); their own close removes their rows."""
+    """Tell the nodes that hold these sockets to kick them (KICK 4001); their own close removes their rows."""
     if conn_ids:
         # Without the bus the new login still stands; the user is over the limit until a socket closes.
         with contextlib.suppress(BackendUnavailable):
-            bus.publish({"kind": "evict", "conn_ids": conn_ids})
+            bus.publish({"kind": "evict", "conn_ids": conn_ids}, nodes={bus.node_of(c) for c in conn_ids})
 
 
 def sessions_login(*, logins: list[LoginRequest]) -> list[LoginView | TooManySockets]:

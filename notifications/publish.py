@@ -2,18 +2,20 @@
 
 Everything that pushes (the API, jobs, periodic runs, admin resends) calls
 ``publish_stored`` after its rows are committed. With ``PUSH_FANOUT=hub`` (the
-default) a publish is one bus message per chunk of recipients, received once
-by each server process, which encodes the shared body once and writes the
-frame to its local sockets. With ``PUSH_FANOUT=layer`` it is the stock
+default) a publish is one bus message per chunk of recipients and per node
+that holds any of them, sent on that node's own bus channel (connections/bus.py);
+the node encodes the shared body once and writes the frame to its local
+sockets. A node that holds none of a push's users never sees it. With ``PUSH_FANOUT=layer`` it is the stock
 Channels path: one ``group_send`` per user, kept to measure against.
 
-Only users the presence index shows online are published to: a user who logs
-in a moment later reads the same rows as unsent at login, because the rows were
-committed before the presence check. A publish whose messages share type,
-sender and body (a push through the API) makes the presence check and the
-publish in one Redis script, which cuts the offline targets out of the bus
-message just as the two-step path does; a larger such publish (a job's batch)
-makes one script call per chunk of ``BUS_CHUNK`` users.
+Only users the presence index shows online are published to, and only to the
+nodes its entries name: a user who logs in a moment later reads the same rows
+as unsent at login, because the rows were committed before the presence
+check. A publish whose messages share type, sender and body (a push through
+the API) makes the presence look-up and the per-node publishes in one Redis
+script, which cuts each node's bus message down to its own online targets
+just as the two-step path does; a larger such publish (a job's batch) makes
+one script call per chunk of ``BUS_CHUNK`` users.
 
 Guarded by tests/notifications/test_delivery.py.
 """
@@ -56,31 +58,58 @@ def publish_stored(*, messages: Sequence[NewMessage]) -> int:
                 _publish_one_group({**groups[0], "to": targets[start : start + BUS_CHUNK]})
                 for start in range(0, len(targets), BUS_CHUNK)
             )
-    online = presence().online(list(dict.fromkeys(m.to_uid for m in messages)))
-    live = [m for m in messages if m.to_uid in online]
+    nodes = presence().nodes(list(dict.fromkeys(m.to_uid for m in messages)))
+    live = [m for m in messages if m.to_uid in nodes]
     if not live:
         return 0
     if settings.PUSH_FANOUT == "layer":
         _publish_through_layer(live)
-    else:
-        for start in range(0, len(live), BUS_CHUNK):
-            bus.publish({"kind": "push", "groups": _groups(live[start : start + BUS_CHUNK])})
+        return len(live)
+    per_node: dict[str, list[NewMessage]] = {}
+    for m in live:
+        for node in nodes[m.to_uid]:
+            per_node.setdefault(node, []).append(m)
+    bus.publish_addressed(
+        (node, {"kind": "push", "groups": _groups(mine[start : start + BUS_CHUNK])})
+        for node, mine in per_node.items()
+        for start in range(0, len(mine), BUS_CHUNK)
+    )
     return len(live)
 
 
-# Presence check and publish in one Redis round trip: the bus message is cut
-# from the JSON pieces of its online targets only, so it is what the two-step
-# path would publish. KEYS: presence keys; ARGV: channel, head, tail, then one
-# "[uid,noce_ack]" per key.
+# Presence look-up and node-addressed publish in one Redis round trip. Each
+# online key's values name its nodes ("<node> <client_type> <epoch>"); each
+# node gets one bus message cut from the JSON pieces of its own online targets,
+# so it is what the two-step path would publish to it. KEYS: presence keys;
+# ARGV: node channel prefix, head, tail, then one "[uid,noce_ack]" per key.
+# Returns how many keys were online.
 _PUBLISH_ONLINE = """
-local parts = {}
+local parts, order = {}, {}
+local online = 0
 for i, key in ipairs(KEYS) do
-  if redis.call('EXISTS', key) == 1 then parts[#parts + 1] = ARGV[i + 3] end
+  local infos = redis.call('HVALS', key)
+  if #infos > 0 then
+    online = online + 1
+    local seen = {}
+    for _, info in ipairs(infos) do
+      local node = string.match(info, '^(%S+)')
+      if node and not seen[node] then
+        seen[node] = true
+        local mine = parts[node]
+        if mine == nil then
+          mine = {}
+          parts[node] = mine
+          order[#order + 1] = node
+        end
+        mine[#mine + 1] = ARGV[i + 3]
+      end
+    end
+  end
 end
-if #parts > 0 then
-  redis.call('PUBLISH', ARGV[1], ARGV[2] .. table.concat(parts, ',') .. ARGV[3])
+for _, node in ipairs(order) do
+  redis.call('PUBLISH', ARGV[1] .. node, ARGV[2] .. table.concat(parts[node], ',') .. ARGV[3])
 end
-return #parts
+return online
 """
 
 
@@ -90,7 +119,7 @@ def _publish_online_script(client: redis.Redis) -> Any:
 
 
 def _publish_one_group(group: dict[str, Any]) -> int:
-    """A publish whose messages share type, sender and body: one round trip to Redis.
+    """A publish whose messages share type, sender and body: one round trip to Redis, one bus message per node.
 
     Single-user pushes through the API are the common case; the two-step path
     (presence pipeline, then PUBLISH) cost them a second round trip, and every
@@ -105,7 +134,7 @@ def _publish_one_group(group: dict[str, Any]) -> int:
             keys=[online_key(uid) for uid, _ack in targets],
             # '[uid,"ack"]' as json.dumps of the pair writes it; a str alone takes
             # json's C fast path, the pair its slow general one.
-            args=[bus.channel_name(), head, tail, *(f"[{int(uid)},{json.dumps(ack)}]" for uid, ack in targets)],
+            args=[bus.node_channel_prefix(), head, tail, *(f"[{int(uid)},{json.dumps(ack)}]" for uid, ack in targets)],
             client=client,
         )
 

@@ -17,6 +17,7 @@ secret or the development login verifier (tests/test_settings.py).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -345,6 +346,12 @@ if not 1 <= PUSH_LOGIN_BATCH <= 5000:
 PUSH_LOGIN_MAX_WAIT = float(env_str("PUSH_LOGIN_MAX_WAIT", "2"))
 PUSH_LOGIN_RETRY_AFTER_MAX = env_int("PUSH_LOGIN_RETRY_AFTER_MAX", 30)
 PUSH_NODE_ID = env_str("PUSH_NODE_ID")
+# A node id names its bus channel and starts its connection ids and presence
+# values ("<node> <client_type> <epoch>"): no spaces, and it must fit the column.
+if PUSH_NODE_ID and not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", PUSH_NODE_ID):
+    raise ImproperlyConfigured(
+        f"PUSH_NODE_ID must be 1 to 64 characters from A-Z a-z 0-9 _ . : -, got {PUSH_NODE_ID!r}"
+    )
 PUSH_NODE_HEARTBEAT = env_int("PUSH_NODE_HEARTBEAT", 10)
 # A node whose liveness mark is older than this is dead; its relation rows go.
 PUSH_NODE_DEAD_AFTER = env_int("PUSH_NODE_DEAD_AFTER", 35)
