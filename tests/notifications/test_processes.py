@@ -15,7 +15,9 @@ from connections.models import Connection
 from connections.protocol import MsgType
 from notifications.client import PushClient
 from notifications.models import ScheduleRun
+from notifications.publish import publish_stored
 from notifications.store import NewMessage, messages_store
+from tests.scrape import scrape
 from tests.servers import celery_beat, celery_worker, daphne, open_socket
 
 pytestmark = [
@@ -75,6 +77,68 @@ async def test_broadcast_and_user_push_reach_sockets_on_both_nodes(nodes, new_ui
     finally:
         for ws in [*sockets.values(), second_tab]:
             await ws.close()
+
+
+def bus_received(node) -> float:
+    return scrape(node.port).value("pushsite_bus_messages_total")
+
+
+async def test_pushes_to_a_user_reach_only_the_node_that_holds_the_user(nodes, new_uid):
+    node_a, node_b = nodes
+    uid = new_uid()
+    ws = await open_socket(node_a, uid)
+    try:
+        before_a, before_b = bus_received(node_a), bus_received(node_b)
+        for n in range(20):
+            # Half through each node's API: where a push enters does not matter.
+            answer = await asyncio.to_thread(client_for(nodes[n % 2]).user_message, [uid], {"n": n})
+            assert answer["data"]["sent"] == 1
+            assert (await next_frame(ws))["body"] == {"to_uid": uid, "n": n}
+        assert bus_received(node_a) - before_a == 20
+        assert bus_received(node_b) - before_b == 0
+
+        # A system notice reaches every node that holds any online user.
+        other = new_uid()
+        ws_b = await open_socket(node_b, other)
+        try:
+            answer = await asyncio.to_thread(client_for(node_b).system_message, {"notice": "all"})
+            assert answer["code"] == 202
+            assert (await next_frame(ws))["body"] == {"to_uid": uid, "notice": "all"}
+            assert (await next_frame(ws_b))["body"] == {"to_uid": other, "notice": "all"}
+            assert bus_received(node_b) - before_b >= 1
+        finally:
+            await ws_b.close()
+    finally:
+        await ws.close()
+
+
+@database_sync_to_async
+def store_and_publish(messages: list[NewMessage]) -> int:
+    messages_store(messages=messages)
+    return publish_stored(messages=messages)
+
+
+async def test_a_publish_of_mixed_messages_is_split_by_node(nodes, new_uid):
+    """The two-step path (messages that do not share a body): each node gets its own users only."""
+    node_a, node_b = nodes
+    on_a, on_b, offline = new_uid(), new_uid(), new_uid()
+    ws_a, ws_b = await open_socket(node_a, on_a), await open_socket(node_b, on_b)
+    try:
+        before_a, before_b = bus_received(node_a), bus_received(node_b)
+        messages = [
+            NewMessage(to_uid=uid, msg_type=MsgType.USER_NOTICE, body={"for": uid}) for uid in (on_a, on_b, offline)
+        ]
+        assert await store_and_publish(messages) == 2
+        assert (await next_frame(ws_a))["body"] == {"to_uid": on_a, "for": on_a}
+        assert (await next_frame(ws_b))["body"] == {"to_uid": on_b, "for": on_b}
+        for ws in (ws_a, ws_b):
+            with pytest.raises(TimeoutError):
+                await next_frame(ws, timeout=0.3)
+        assert bus_received(node_a) - before_a == 1
+        assert bus_received(node_b) - before_b == 1
+    finally:
+        await ws_a.close()
+        await ws_b.close()
 
 
 async def test_real_celery_worker_runs_a_large_push_to_a_socket(verifier, new_uid):
