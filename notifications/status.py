@@ -13,6 +13,7 @@ from django_celery_beat.models import PeriodicTask
 
 from connections.models import Connection, Node
 from connections.selectors import online_counts
+from pushsite.redis_client import redis_client_for
 
 from .models import JobState, PushJob
 from .periodic import schedule_last_runs
@@ -20,13 +21,11 @@ from .periodic import schedule_last_runs
 
 def queue_depth() -> int | None:
     """Tasks waiting in the Celery queue; None when the broker cannot be read."""
-    url = settings.CELERY_BROKER_URL
+    url = settings.PUSH_BROKER_URL
     queue = settings.CELERY_TASK_DEFAULT_QUEUE
     try:
-        if url.startswith(("redis://", "rediss://")):
-            import redis
-
-            client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+        if url.startswith(("redis://", "rediss://", "redis+sentinel://")):
+            client = redis_client_for(url)
             # kombu keeps one list per queue, plus one per priority step.
             return sum(client.llen(key) for key in client.scan_iter(match=f"{queue}*", count=100))
         if url == "filesystem://":

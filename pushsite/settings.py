@@ -24,6 +24,8 @@ from urllib.parse import urlsplit
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from pushsite.redis_url import celery_broker, channel_layer_host, parse_sentinel_url
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("PUSH_VAR_DIR", BASE_DIR / "var"))
 
@@ -170,7 +172,13 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis: channel layer, cache, login hash --------------------------------
 
+# redis://host:port/db, or redis+sentinel://host:port,host:port/<master name>/<db>
+# for a Sentinel group (pushsite/redis_url.py): every Redis user follows a failover.
 REDIS_URL = env_str("REDIS_URL")
+try:
+    parse_sentinel_url(REDIS_URL)
+except ValueError as error:
+    raise ImproperlyConfigured(str(error)) from None
 
 # redis-py's defaults (a short socket_timeout, a small pool) drop idle pub/sub
 # sockets and fail mass disconnects; the options are therefore always explicit.
@@ -187,7 +195,7 @@ if REDIS_URL:
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
             "CONFIG": {
-                "hosts": [{"address": REDIS_URL, **REDIS_CONNECTION_OPTIONS}],
+                "hosts": [channel_layer_host(REDIS_URL, REDIS_CONNECTION_OPTIONS)],
                 # The stock layer drops group messages past capacity silently;
                 # it is only the comparison path (PUSH_FANOUT=layer), so give it room.
                 "capacity": 10000,
@@ -199,9 +207,14 @@ if REDIS_URL:
     CACHES = {
         "default": {
             "BACKEND": "django.core.cache.backends.redis.RedisCache",
-            "LOCATION": REDIS_URL,
+            # A list: Django splits a LOCATION string at commas, as in a sentinel list.
+            "LOCATION": [REDIS_URL],
             "KEY_PREFIX": "pushsite",
-            "OPTIONS": {"socket_connect_timeout": 2, "socket_timeout": 2},
+            "OPTIONS": {
+                "socket_connect_timeout": 2,
+                "socket_timeout": 2,
+                "pool_class": "pushsite.redis_client.CachePool",
+            },
         }
     }
 else:
@@ -210,7 +223,12 @@ else:
 
 # --- Celery ---------------------------------------------------------------
 
-CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", REDIS_URL) or "filesystem://"
+# The broker as configured (push_status reads its queue); CELERY_BROKER_URL is kombu's form of it.
+PUSH_BROKER_URL = env_str("CELERY_BROKER_URL", REDIS_URL) or "filesystem://"
+try:
+    CELERY_BROKER_URL, CELERY_BROKER_TRANSPORT_OPTIONS = celery_broker(PUSH_BROKER_URL)
+except ValueError as error:
+    raise ImproperlyConfigured(str(error).replace("REDIS_URL", "CELERY_BROKER_URL")) from None
 if CELERY_BROKER_URL == "filesystem://":
     _broker_dir = VAR_DIR / "celery-broker"
     _broker_dir.mkdir(parents=True, exist_ok=True)

@@ -185,6 +185,12 @@ def test_development_profiles_start_without_secrets(tmp_path, profile):
         ({"PUSH_FANOUT": "broadcast"}, "PUSH_FANOUT must be hub or layer"),
         ({"PUSH_DB_THREADS": "0"}, "PUSH_DB_THREADS must be 1 to 64, got 0"),
         ({"PUSH_DB_THREADS": "two"}, "PUSH_DB_THREADS must be a whole number"),
+        ({"PUSH_NODE_ID": "web 1"}, "PUSH_NODE_ID must be 1 to 64 characters"),
+        ({"PUSH_NODE_ID": "n" * 65}, "PUSH_NODE_ID must be 1 to 64 characters"),
+        ({"REDIS_URL": "redis+sentinel://127.0.0.1/mymaster"}, "REDIS_URL: a sentinel must be host:port"),
+        ({"REDIS_URL": "redis+sentinel://127.0.0.1:26379"}, "REDIS_URL: redis+sentinel:// needs /<master name>"),
+        ({"REDIS_URL": "redis+sentinel://127.0.0.1:26379/m/zero"}, "REDIS_URL: the database must be a number"),
+        ({"CELERY_BROKER_URL": "redis+sentinel://h:1"}, "CELERY_BROKER_URL: redis+sentinel:// needs"),
     ],
 )
 def test_bad_values_are_refused_naming_the_variable(tmp_path, variables, fragment):
@@ -233,6 +239,40 @@ def test_database_and_redis_urls_select_mysql_redis_layer_and_redis_cache(tmp_pa
     assert found["push_jobs"] == "celery"
     assert (found["idle"], found["max_connections"]) == (60, 500)
     assert found["db_threads"] == 2
+
+
+def test_a_sentinel_url_reaches_the_layer_the_cache_the_broker_and_our_clients(tmp_path):
+    code = """
+import json, django
+django.setup()
+from django.conf import settings
+from django.core.cache import caches
+from pushsite.redis_client import get_redis
+cache_pool = caches["default"]._cache._get_connection_pool(True)
+ours = get_redis().connection_pool
+print(json.dumps({
+    "layer": settings.CHANNEL_LAYERS["default"]["CONFIG"]["hosts"],
+    "broker": settings.CELERY_BROKER_URL,
+    "transport": settings.CELERY_BROKER_TRANSPORT_OPTIONS,
+    "cache_pool": [type(cache_pool).__name__, cache_pool.service_name, cache_pool.connection_kwargs.get("db")],
+    "ours": [type(ours).__name__, ours.service_name, ours.connection_kwargs.get("db"),
+             ours.connection_kwargs.get("password"),
+             [[s.connection_pool.connection_kwargs[k] for k in ("host", "port", "socket_timeout")]
+              for s in ours.sentinel_manager.sentinels]],
+}))
+"""
+    url = "redis+sentinel://:pa%3Ass@10.0.0.1:26379,10.0.0.2:26380/pushmaster/4"
+    result = run(clean_env(tmp_path, DATABASE_URL="mysql://root@127.0.0.1:3306/pushsite", REDIS_URL=url), "-c", code)
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    (host,) = found["layer"]
+    assert host["master_name"] == "pushmaster" and host["db"] == 4 and host["password"] == "pa:ss"
+    assert host["sentinels"] == [["10.0.0.1", 26379], ["10.0.0.2", 26380]]
+    assert found["broker"] == "sentinel://:pa%3Ass@10.0.0.1:26379/4;sentinel://:pa%3Ass@10.0.0.2:26380/4"
+    assert found["transport"]["master_name"] == "pushmaster"
+    assert found["cache_pool"] == ["SentinelConnectionPool", "pushmaster", 4]
+    assert found["ours"][:4] == ["SentinelConnectionPool", "pushmaster", 4, "pa:ss"]
+    assert found["ours"][4] == [["10.0.0.1", 26379, 1], ["10.0.0.2", 26380, 1]]
 
 
 def test_database_url_alone_keeps_the_in_process_layer(tmp_path):

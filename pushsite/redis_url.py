@@ -1,0 +1,94 @@
+"""``REDIS_URL``: one Redis server, or a Redis Sentinel group, and what each Redis user needs from it.
+
+Two forms (docs/protocol.md, configuration):
+
+* ``redis://[:password@]host:port/<db>``: one server, as redis-py reads it;
+* ``redis+sentinel://[:password@]host:port[,host:port...]/<master name>[/<db>]``:
+  the sentinels to ask, the name they monitor the master under, and the
+  database number (default 0). The password is the master's (and its
+  replicas'); the sentinels are asked without one.
+
+Each part of pushsite that talks to Redis speaks Sentinel through its own
+library (redis-py for the bus, presence and the login cache; channels-redis;
+kombu for the Celery broker). This module turns the one URL into the form each
+of them takes, so that settings and pushsite/redis_client.py agree. It imports
+neither Django nor a Redis library: settings reads it at start-up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, unquote
+
+SENTINEL_SCHEME = "redis+sentinel://"
+
+# Asked of the sentinels themselves: a sentinel that does not answer must not
+# hold up a look-up that another one could answer.
+SENTINEL_SOCKET_OPTIONS = {"socket_connect_timeout": 1, "socket_timeout": 1}
+
+
+@dataclass(frozen=True)
+class SentinelURL:
+    sentinels: tuple[tuple[str, int], ...]
+    master: str
+    db: int
+    password: str | None
+
+    def master_options(self) -> dict[str, Any]:
+        """What a connection to the master needs besides its address."""
+        return {"db": self.db, **({"password": self.password} if self.password else {})}
+
+    def kombu_url(self) -> str:
+        """kombu's form: one ``sentinel://`` URL per sentinel, separated by ``;``."""
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return ";".join(f"sentinel://{auth}{host}:{port}/{self.db}" for host, port in self.sentinels)
+
+
+def parse_sentinel_url(url: str) -> SentinelURL | None:
+    """The Sentinel form of ``url``, None for any other URL; ValueError if it is malformed."""
+    if not url.startswith(SENTINEL_SCHEME):
+        return None
+    rest = url[len(SENTINEL_SCHEME) :]
+    location, _, path = rest.partition("/")
+    password = None
+    if "@" in location:
+        auth, _, location = location.rpartition("@")
+        _user, _, secret = auth.partition(":")
+        password = unquote(secret) or None
+    sentinels = []
+    for part in location.split(","):
+        host, sep, port = part.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"REDIS_URL: a sentinel must be host:port, got {part!r}")
+        sentinels.append((host.strip("[]"), int(port)))
+    names = [segment for segment in path.split("/") if segment]
+    if not names or len(names) > 2:
+        raise ValueError("REDIS_URL: redis+sentinel:// needs /<master name>[/<db>] after the sentinels")
+    master = unquote(names[0])
+    db = names[1] if len(names) == 2 else "0"
+    if not db.isdigit():
+        raise ValueError(f"REDIS_URL: the database must be a number, got {db!r}")
+    return SentinelURL(sentinels=tuple(sentinels), master=master, db=int(db), password=password)
+
+
+def channel_layer_host(url: str, options: dict[str, Any]) -> dict[str, Any]:
+    """One entry of channels-redis' ``hosts`` for ``url``."""
+    sentinel = parse_sentinel_url(url)
+    if sentinel is None:
+        return {"address": url, **options}
+    return {
+        "sentinels": list(sentinel.sentinels),
+        "master_name": sentinel.master,
+        "sentinel_kwargs": dict(SENTINEL_SOCKET_OPTIONS),
+        **sentinel.master_options(),
+        **options,
+    }
+
+
+def celery_broker(url: str) -> tuple[str, dict[str, Any]]:
+    """Celery's broker URL and transport options for ``url``."""
+    sentinel = parse_sentinel_url(url)
+    if sentinel is None:
+        return url, {}
+    return sentinel.kombu_url(), {"master_name": sentinel.master, "sentinel_kwargs": dict(SENTINEL_SOCKET_OPTIONS)}
