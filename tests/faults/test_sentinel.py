@@ -1,0 +1,221 @@
+"""Redis Sentinel: the master SIGKILLed under load fails over, and nothing acknowledged is lost.
+
+The test starts its own Sentinel group from Debian's redis-server and
+redis-sentinel, on ports of its own: a master, one replica and three
+sentinels (quorum 2). One daphne node runs with
+``REDIS_URL=redis+sentinel://...``; clients are logged in over real sockets
+and pushes flow through the signed API while the master is SIGKILLed. It is
+never started again: pushsite must follow the sentinels to the promoted
+replica without a restart.
+
+Invariants guarded here:
+* while the group fails over the push API answers 503 at once: never 500,
+  never a hang; afterwards pushes succeed again, on the same node process;
+* every push answered 2xx is stored exactly once and reaches its user, live
+  or through ``unread``; a push answered 503 stored nothing;
+* sockets that stayed open are served live again (the bus subscription moved
+  to the new master), and sockets that dropped log in again;
+* the new master holds exactly the presence entries of the open sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from django.conf import settings
+
+from tests.faults.outage import (
+    PUSHERS,
+    Client,
+    Pushes,
+    healthz,
+    presence_entries,
+    redis_server,
+    relation,
+    stored,
+    wait_for,
+)
+from tests.servers import ServerProcess, daphne, free_port
+
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.slow,
+    pytest.mark.skipif(not settings.REDIS_URL, reason="needs the real configuration (MariaDB and Redis)"),
+    pytest.mark.skipif(not shutil.which("redis-sentinel"), reason="needs Debian's redis-sentinel (scripts/setup.sh)"),
+]
+
+MASTER = "pushtest"
+USERS = 8
+BEFORE_KILL = 1.5  # seconds of pushes before the master dies
+AFTER_FAILOVER = 3.0  # seconds of pushes once a replica is promoted
+
+
+def sentinel(port: int, master_port: int, directory: Path) -> ServerProcess:
+    """A redis-sentinel watching the master; its config file is its own (a sentinel rewrites it)."""
+    conf = directory / f"sentinel-{port}.conf"
+    conf.write_text(
+        f"port {port}\n"
+        "bind 127.0.0.1\n"
+        f"dir {directory}\n"
+        f"sentinel monitor {MASTER} 127.0.0.1 {master_port} 2\n"
+        f"sentinel down-after-milliseconds {MASTER} 1000\n"
+        f"sentinel failover-timeout {MASTER} 10000\n"
+        f"sentinel parallel-syncs {MASTER} 1\n"
+    )
+    return ServerProcess(f"sentinel-{port}", [shutil.which("redis-sentinel") or "redis-sentinel", str(conf)], {}, port)
+
+
+def master_port(sentinel_ports: list[int]) -> int | None:
+    """The master's port as the first sentinel that answers sees it."""
+    for port in sentinel_ports:
+        client = redis.Redis(port=port, decode_responses=True, socket_timeout=1)
+        try:
+            address = client.sentinel_get_master_addr_by_name(MASTER)
+        except redis.RedisError:
+            continue
+        finally:
+            client.close()
+        if address:
+            return int(address[1])
+    return None
+
+
+def group_ready(sentinel_ports: list[int], replica_port: int) -> bool:
+    """Every sentinel knows the other two and sees the replica in sync."""
+    for port in sentinel_ports:
+        client = redis.Redis(port=port, decode_responses=True, socket_timeout=1)
+        try:
+            state = client.sentinel_master(MASTER)
+            replicas = client.sentinel_slaves(MASTER)
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+        if int(state.get("num-other-sentinels", 0)) != 2:
+            return False
+        if not any(int(r["port"]) == replica_port and r.get("master-link-status") == "ok" for r in replicas):
+            return False
+    return True
+
+
+async def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not await asyncio.to_thread(condition):
+        assert time.monotonic() < deadline, f"{what} not within {timeout}s"
+        await asyncio.sleep(0.2)
+
+
+async def test_master_killed_fails_over_and_loses_nothing_acknowledged(verifier, new_uid, tmp_path):
+    old_port, new_port = free_port(), free_port()
+    sentinel_ports = [free_port() for _ in range(3)]
+    servers = [
+        redis_server(old_port, name="redis-master"),
+        redis_server(new_port, "--replicaof", "127.0.0.1", str(old_port), name="redis-replica"),
+        *(sentinel(port, old_port, tmp_path) for port in sentinel_ports),
+    ]
+    node = None
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        for server in servers:
+            server.start()
+        await wait_until(lambda: group_ready(sentinel_ports, new_port), 30, "the sentinel group")
+        sentinels = ",".join(f"127.0.0.1:{port}" for port in sentinel_ports)
+        node = daphne(
+            "sentinel-node",
+            PUSH_JOBS="inline",
+            REDIS_URL=f"redis+sentinel://{sentinels}/{MASTER}/0",
+            PUSH_NODE_HEARTBEAT=1,  # the node retries the closes Redis refused once a second
+        )
+        node.start()
+        uids = [new_uid() for _ in range(USERS)]
+        clients = [Client(f"ws://127.0.0.1:{node.port}/ws/push/", uid) for uid in uids]
+        tasks += [asyncio.create_task(client.run()) for client in clients]
+        await asyncio.wait_for(asyncio.gather(*(c.logged_in.wait() for c in clients)), 15)
+
+        pushes = Pushes(node.port)
+        pushers = [asyncio.create_task(pushes.loop(uids, offset)) for offset in range(PUSHERS)]
+        tasks += pushers
+        await asyncio.sleep(BEFORE_KILL)
+        acked_before = sum(len(acks) for acks in pushes.acked.values())
+        servers[0].kill()
+        killed_at = time.monotonic()
+        await asyncio.sleep(0.2)
+        # Half the clients lose their socket during the failover and come back at once.
+        dropped = clients[: USERS // 2]
+        for client in dropped:
+            await client.drop()
+        await wait_until(lambda: master_port(sentinel_ports) == new_port, 30, "the failover")
+        failover_seconds = time.monotonic() - killed_at
+        acked_at_failover = sum(len(acks) for acks in pushes.acked.values())
+        await asyncio.sleep(AFTER_FAILOVER)
+        for task in pushers:
+            task.cancel()
+        await asyncio.gather(*pushers, return_exceptions=True)
+
+        # The node came through without a restart, and every client is logged in again.
+        assert node.proc.poll() is None, node.output()
+        assert await asyncio.to_thread(healthz, node.port) == 200
+        await asyncio.wait_for(asyncio.gather(*(c.logged_in.wait() for c in clients)), 15)
+        assert all(c.connections == 2 for c in dropped)
+        assert all(c.connections == 1 for c in clients if c not in dropped)
+
+        # While the group failed over the API said so at once, and only that.
+        assert pushes.refused, "no push met the failover"
+        assert {status for status, _ in pushes.refused} == {503}, pushes.refused
+        assert max(seconds for _, seconds in pushes.refused) < 5
+        acked_after = sum(len(acks) for acks in pushes.acked.values())
+        assert 0 < acked_before <= acked_at_failover < acked_after, "no push acknowledged before or after"
+
+        # Served again: a push after the failover reaches every client live.
+        after = {}
+        for client in clients:
+            answer = await asyncio.to_thread(pushes.api.user_message, [client.uid], {"n": -1})
+            after[client.uid] = answer["data"]["noce_acks"][str(client.uid)]
+            pushes.acked[client.uid][after[client.uid]] = -1
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(after[c.uid] not in c.live for c in clients):
+            await asyncio.sleep(0.05)
+        missed_live = [c.uid for c in clients if after[c.uid] not in c.live]
+        assert not missed_live, f"clients not served live after the failover: {missed_live}"
+
+        # Every acknowledged push: stored exactly once, and the user got it.
+        rows = await stored(uids)
+        delivered_live = 0
+        for client in clients:
+            acked = pushes.acked[client.uid]
+            assert len(acked) < 200  # one unread page holds them all
+            reply = await client.request("unread", {"limit": 200, "msg_type": 7})
+            assert reply["code"] == 200, reply
+            unread = {item["noce_ack"] for item in reply["body"]["items"]}
+            acks_stored = [ack for ack, _ in rows[client.uid]]
+            for ack in acked:
+                assert acks_stored.count(ack) == 1, (client.uid, ack)
+                assert ack in client.live or ack in unread, (client.uid, ack)
+            delivered_live += len(acked.keys() & client.live)
+            # A push answered 503 stored nothing: every stored row was acknowledged.
+            assert sorted(n for _, n in rows[client.uid]) == sorted(acked.values())
+
+        # The new master holds the presence of exactly the open sockets.
+        await wait_for(lambda: relation(uids) == presence_entries(new_port, uids) and len(relation(uids)) == USERS)
+        acked_total = sum(len(acks) for acks in pushes.acked.values())
+        print(
+            f"failover took {failover_seconds:.1f}s; pushes sent {pushes.sent}, acknowledged {acked_total} "
+            f"(live {delivered_live}, through unread {acked_total - delivered_live}), "
+            f"refused 503: {len(pushes.refused)}, reconnects {sum(c.connections - 1 for c in clients)}, "
+            f"logins refused 503: {sum(c.login_refusals for c in clients)}"
+        )
+    finally:
+        for task in tasks:
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if node is not None:
+            node.stop()
+        for server in servers:
+            server.stop()
