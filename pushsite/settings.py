@@ -163,7 +163,16 @@ DATABASES = {"default": _default_db}
 PUSH_SHARD_DATABASES = ["default"]
 for _index, _url in enumerate(env_list("PUSH_SHARD_DATABASE_URLS", [])):
     _alias = f"shards{_index}"
-    DATABASES[_alias] = {**_default_db, **dj_database_url.parse(_url, conn_max_age=_default_db.get("CONN_MAX_AGE", 0))}
+    # parse() sets CONN_MAX_AGE and CONN_HEALTH_CHECKS itself: pass the default's,
+    # or a shard connection left over from before a database restart is used unchecked.
+    DATABASES[_alias] = {
+        **_default_db,
+        **dj_database_url.parse(
+            _url,
+            conn_max_age=_default_db.get("CONN_MAX_AGE", 0),
+            conn_health_checks=_default_db.get("CONN_HEALTH_CHECKS", False),
+        ),
+    }
     DATABASES[_alias]["OPTIONS"] = dict(_default_db.get("OPTIONS", {}))
     DATABASES[_alias]["TEST"] = dict(_default_db.get("TEST", {}))
     PUSH_SHARD_DATABASES = [a for a in PUSH_SHARD_DATABASES if a != "default"] + [_alias]

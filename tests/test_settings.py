@@ -241,6 +241,41 @@ def test_database_and_redis_urls_select_mysql_redis_layer_and_redis_cache(tmp_pa
     assert found["db_threads"] == 2
 
 
+SHARD_ALIASES = """
+import json, django
+django.setup()
+from django.conf import settings
+keys = ("CONN_HEALTH_CHECKS", "CONN_MAX_AGE", "OPTIONS", "NAME", "HOST", "PORT")
+print(json.dumps({alias: {k: db[k] for k in keys} for alias, db in settings.DATABASES.items()}))
+"""
+
+
+def test_shard_databases_keep_the_default_databases_connection_hygiene(tmp_path):
+    """A shard alias pings a reused connection and times out like the default; only the address differs."""
+    result = run(
+        clean_env(
+            tmp_path,
+            DATABASE_URL="mysql://push@db.internal:3306/pushsite",
+            PUSH_SHARD_DATABASE_URLS="mysql://push@db-a.internal:3307/shard_a,mysql://push@db-b.internal:3308/shard_b",
+            DB_CONN_MAX_AGE="45",
+        ),
+        "-c",
+        SHARD_ALIASES,
+    )
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert sorted(found) == ["default", "shards0", "shards1"]
+    default = found["default"]
+    assert default["CONN_HEALTH_CHECKS"] is True and default["CONN_MAX_AGE"] == 45
+    assert [(found[a]["NAME"], found[a]["HOST"], found[a]["PORT"]) for a in ("shards0", "shards1")] == [
+        ("shard_a", "db-a.internal", 3307),
+        ("shard_b", "db-b.internal", 3308),
+    ]
+    for alias in ("shards0", "shards1"):
+        same = {k: found[alias][k] for k in ("CONN_HEALTH_CHECKS", "CONN_MAX_AGE", "OPTIONS")}
+        assert same == {k: default[k] for k in same}, alias
+
+
 def test_a_sentinel_url_reaches_the_layer_the_cache_the_broker_and_our_clients(tmp_path):
     code = """
 import json, django

@@ -413,9 +413,11 @@ async def test_mariadb_stopped_and_restarted_loses_nothing_acknowledged(verifier
 
         await asyncio.to_thread(mariadb.start)
         acked_at_restart = len(pushes.acked())
-        assert (await late.login())["code"] == Code.OK
+        reply = await late.login()
+        assert reply["code"] == Code.OK, reply
         await dropped.open()
-        assert (await dropped.login())["code"] == Code.OK
+        reply = await dropped.login()
+        assert reply["code"] == Code.OK, reply
         await asyncio.sleep(AFTER_RESTART)
         for task in pushers:
             task.cancel()
