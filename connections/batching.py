@@ -13,7 +13,9 @@ Invariants:
 * a caller that stops waiting (its socket closed) does not stop the batch: the
   others still get theirs;
 * one batch of a batcher runs at a time; ``oldest_wait`` is the age of the
-  oldest item not yet taken into a batch (what admission control reads).
+  oldest item not yet answered, in the running batch or waiting for the next
+  (what admission control reads: a batch stuck in the database delays every
+  login behind it, even when nothing waits yet).
 
 Guarded by tests/connections/test_logins.py.
 """
@@ -42,6 +44,7 @@ class Batcher(Generic[I, R]):
         self._loop = asyncio.get_running_loop()
         self._waiting: list[tuple[I, asyncio.Future[R], float]] = []
         self._task: asyncio.Task[None] | None = None
+        self._running_since: float | None = None  # submit time of the running batch's first item
         self.batches = 0
         self.items = 0
         # Items per second of batch time, smoothed: how fast a backlog drains.
@@ -59,7 +62,9 @@ class Batcher(Generic[I, R]):
         return await future
 
     def oldest_wait(self) -> float:
-        """Seconds the oldest item not yet in a batch has waited."""
+        """Seconds the oldest item not yet answered has waited (running or waiting)."""
+        if self._running_since is not None:
+            return self._loop.time() - self._running_since
         return self._loop.time() - self._waiting[0][2] if self._waiting else 0.0
 
     async def _drain(self) -> None:
@@ -67,6 +72,7 @@ class Batcher(Generic[I, R]):
             while self._waiting:
                 batch, self._waiting = self._waiting[: self.max_batch], self._waiting[self.max_batch :]
                 started = self._loop.time()
+                self._running_since = batch[0][2]
                 try:
                     results: Sequence[R | BaseException] = await self._process([item for item, _, _ in batch])
                     if len(results) != len(batch):
@@ -78,6 +84,8 @@ class Batcher(Generic[I, R]):
                     raise
                 except Exception as error:
                     results = [error] * len(batch)
+                finally:
+                    self._running_since = None
                 self._account(len(batch), self._loop.time() - started)
                 for (_, future, _), result in zip(batch, results, strict=True):
                     if future.done():

@@ -11,7 +11,8 @@ batched the same way (``connections.auth``), and so are the relation
 clean-ups of sockets that close together (a network blip closes them all).
 
 Admission control: when logins wait longer than ``PUSH_LOGIN_MAX_WAIT``
-seconds for their batch, a new socket is told at once to come back later
+seconds for their answer (in the batch being written or waiting for the next),
+a new socket is told at once to come back later
 (KICK 503 with ``retry_after``, close 1013) instead of queueing until its
 client gives up; ``retry_after`` is the time the backlog needs to drain at
 the measured rate, within ``1..PUSH_LOGIN_RETRY_AFTER_MAX``.

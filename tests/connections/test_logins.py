@@ -50,9 +50,11 @@ async def test_a_lone_item_is_processed_at_once_and_waiting_items_form_the_next_
     await asyncio.sleep(0)
     await asyncio.sleep(0)
     assert seen == [[1]]  # no timer: it went alone
+    await asyncio.sleep(0.05)
+    assert len(batcher) == 0 and batcher.oldest_wait() >= 0.05  # the running item is not answered yet
     rest = [asyncio.ensure_future(batcher.submit(i)) for i in range(2, 7)]
     await asyncio.sleep(0.01)
-    assert len(batcher) == 5 and batcher.oldest_wait() > 0
+    assert len(batcher) == 5 and batcher.oldest_wait() >= 0.06  # counted from the oldest, the running one
     release.set()
     assert await asyncio.gather(first, *rest) == [10, 20, 30, 40, 50, 60]
     assert seen == [[1], [2, 3, 4], [5, 6]]
