@@ -145,6 +145,40 @@ def stored(uids: list[int]) -> dict[int, list[tuple[str, int]]]:
     }
 
 
+async def served_again(pushes: Pushes, clients: list[Client], after: str) -> None:
+    """A push to each client, once the backend is back, reaches it live."""
+    sent = {}
+    for client in clients:
+        answer = await asyncio.to_thread(pushes.api.user_message, [client.uid], {"n": -1})
+        sent[client.uid] = answer["data"]["noce_acks"][str(client.uid)]
+        pushes.acked[client.uid][sent[client.uid]] = -1
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(sent[c.uid] not in c.live for c in clients):
+        await asyncio.sleep(0.05)
+    missed_live = [c.uid for c in clients if sent[c.uid] not in c.live]
+    assert not missed_live, f"clients not served live after the {after}: {missed_live}"
+
+
+async def delivered_once(pushes: Pushes, clients: list[Client]) -> int:
+    """Every acknowledged push is stored exactly once and reached its user live or in unread; how many live."""
+    rows = await stored([client.uid for client in clients])
+    delivered_live = 0
+    for client in clients:
+        acked = pushes.acked[client.uid]
+        assert len(acked) < 200  # one unread page holds them all
+        reply = await client.request("unread", {"limit": 200, "msg_type": 7})
+        assert reply["code"] == 200, reply
+        unread = {item["noce_ack"] for item in reply["body"]["items"]}
+        acks_stored = [ack for ack, _ in rows[client.uid]]
+        for ack in acked:
+            assert acks_stored.count(ack) == 1, (client.uid, ack)
+            assert ack in client.live or ack in unread, (client.uid, ack)
+        delivered_live += len(acked.keys() & client.live)
+        # A push answered 503 stored nothing: every stored row was acknowledged.
+        assert sorted(n for _, n in rows[client.uid]) == sorted(acked.values())
+    return delivered_live
+
+
 def relation(uids: list[int]) -> set[tuple[int, str]]:
     return set(Connection.objects.filter(uid__in=uids, user_status=UserStatus.ONLINE).values_list("uid", "conn_id"))
 

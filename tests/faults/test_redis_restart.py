@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -36,11 +35,12 @@ from tests.faults.outage import (
     PUSHERS,
     Client,
     Pushes,
+    delivered_once,
     healthz,
     presence_entries,
     redis_server,
     relation,
-    stored,
+    served_again,
     wait_for,
 )
 from tests.proxy import TcpProxy
@@ -110,41 +110,18 @@ async def test_redis_killed_and_restarted_loses_nothing_acknowledged(verifier, n
         assert 0 < acked_before <= acked_at_restart < acked_after, "no push acknowledged before or after the outage"
 
         # Served again: a push after the recovery reaches every client live.
-        after = {}
-        for client in clients:
-            answer = await asyncio.to_thread(pushes.api.user_message, [client.uid], {"n": -1})
-            after[client.uid] = answer["data"]["noce_acks"][str(client.uid)]
-            pushes.acked[client.uid][after[client.uid]] = -1
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(after[c.uid] not in c.live for c in clients):
-            await asyncio.sleep(0.05)
-        missed_live = [c.uid for c in clients if after[c.uid] not in c.live]
-        assert not missed_live, f"clients not served live after the recovery: {missed_live}"
+        await served_again(pushes, clients, after="recovery")
 
         # Every acknowledged push: stored exactly once, and the user got it.
-        rows = await stored(uids)
-        delivered_live = delivered_unread = 0
-        for client in clients:
-            acked = pushes.acked[client.uid]
-            assert len(acked) < 200  # one unread page holds them all
-            reply = await client.request("unread", {"limit": 200, "msg_type": 7})
-            assert reply["code"] == 200, reply
-            unread = {item["noce_ack"] for item in reply["body"]["items"]}
-            acks_stored = [ack for ack, _ in rows[client.uid]]
-            for ack in acked:
-                assert acks_stored.count(ack) == 1, (client.uid, ack)
-                assert ack in client.live or ack in unread, (client.uid, ack)
-            delivered_live += len(acked.keys() & client.live)
-            delivered_unread += len(acked.keys() - client.live)
-            # A push answered 503 stored nothing: every stored row was acknowledged.
-            assert sorted(n for _, n in rows[client.uid]) == sorted(acked.values())
-        assert delivered_live + delivered_unread == sum(len(acks) for acks in pushes.acked.values())
+        delivered_live = await delivered_once(pushes, clients)
+        acked_total = sum(len(acks) for acks in pushes.acked.values())
 
         # The sockets closed during the outage left no relation row and no presence entry.
         await wait_for(lambda: relation(uids) == presence_entries(redis_port, uids) and len(relation(uids)) == USERS)
         print(
-            f"pushes sent {pushes.sent}, acknowledged {delivered_live + delivered_unread} "
-            f"(live {delivered_live}, through unread {delivered_unread}), refused 503: {len(pushes.refused)}, "
+            f"pushes sent {pushes.sent}, acknowledged {acked_total} "
+            f"(live {delivered_live}, through unread {acked_total - delivered_live}), "
+            f"refused 503: {len(pushes.refused)}, "
             f"reconnects {sum(c.connections - 1 for c in clients)}, "
             f"logins refused 503: {sum(c.login_refusals for c in clients)}"
         )

@@ -34,11 +34,12 @@ from tests.faults.outage import (
     PUSHERS,
     Client,
     Pushes,
+    delivered_once,
     healthz,
     presence_entries,
     redis_server,
     relation,
-    stored,
+    served_again,
     wait_for,
 )
 from tests.servers import ServerProcess, daphne, free_port
@@ -173,33 +174,10 @@ async def test_master_killed_fails_over_and_loses_nothing_acknowledged(verifier,
         assert 0 < acked_before <= acked_at_failover < acked_after, "no push acknowledged before or after"
 
         # Served again: a push after the failover reaches every client live.
-        after = {}
-        for client in clients:
-            answer = await asyncio.to_thread(pushes.api.user_message, [client.uid], {"n": -1})
-            after[client.uid] = answer["data"]["noce_acks"][str(client.uid)]
-            pushes.acked[client.uid][after[client.uid]] = -1
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(after[c.uid] not in c.live for c in clients):
-            await asyncio.sleep(0.05)
-        missed_live = [c.uid for c in clients if after[c.uid] not in c.live]
-        assert not missed_live, f"clients not served live after the failover: {missed_live}"
+        await served_again(pushes, clients, after="failover")
 
         # Every acknowledged push: stored exactly once, and the user got it.
-        rows = await stored(uids)
-        delivered_live = 0
-        for client in clients:
-            acked = pushes.acked[client.uid]
-            assert len(acked) < 200  # one unread page holds them all
-            reply = await client.request("unread", {"limit": 200, "msg_type": 7})
-            assert reply["code"] == 200, reply
-            unread = {item["noce_ack"] for item in reply["body"]["items"]}
-            acks_stored = [ack for ack, _ in rows[client.uid]]
-            for ack in acked:
-                assert acks_stored.count(ack) == 1, (client.uid, ack)
-                assert ack in client.live or ack in unread, (client.uid, ack)
-            delivered_live += len(acked.keys() & client.live)
-            # A push answered 503 stored nothing: every stored row was acknowledged.
-            assert sorted(n for _, n in rows[client.uid]) == sorted(acked.values())
+        delivered_live = await delivered_once(pushes, clients)
 
         # The new master holds the presence of exactly the open sockets.
         await wait_for(lambda: relation(uids) == presence_entries(new_port, uids) and len(relation(uids)) == USERS)
