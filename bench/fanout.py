@@ -193,6 +193,9 @@ def server_env(fanout: str, prefix: str) -> dict[str, str]:
             "PUSH_FRAME_RATE": "1000",
             "PUSH_FRAME_BURST": "1000",
             "PUSH_LOG_LEVEL": "WARNING",
+            # Every benchmark client comes from 127.0.0.1, 200 handshakes in
+            # flight; a site's clients come from many addresses.
+            "PUSH_MAX_ANONYMOUS_PER_ADDRESS": "1000000",
         }
     )
     return env
@@ -201,11 +204,12 @@ def server_env(fanout: str, prefix: str) -> dict[str, str]:
 class Server:
     """A server under test: pushsite on daphne (hub or layer path) or the plain-asyncio reference."""
 
-    def __init__(self, kind: str, **extra_env: str) -> None:
+    def __init__(self, kind: str, prefix: str | None = None, name: str | None = None, **extra_env: str) -> None:
         self.kind = kind
-        self.prefix = f"bench-{uuid.uuid4().hex[:8]}"
+        self.prefix = prefix or f"bench-{uuid.uuid4().hex[:8]}"  # nodes of one site share it
         self.port = free_port()
-        self.log = open(RESULTS / f"server-{kind}.log", "wb")  # noqa: SIM115 - closed in stop()
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        self.log = open(RESULTS / f"server-{name or kind}.log", "wb")  # noqa: SIM115 - closed in stop()
         if kind == "reference":
             args = [sys.executable, str(ROOT / "bench/reference.py"), str(self.port)]
             env = dict(os.environ)

@@ -82,6 +82,7 @@ class Server:
             # Clients ack every push at once; the rate limit is not what is measured.
             "PUSH_FRAME_RATE": "1000",
             "PUSH_FRAME_BURST": "1000",
+            "PUSH_MAX_ANONYMOUS_PER_ADDRESS": "1000000",  # all clients share 127.0.0.1
         }
         self.env.pop("PUSH_AUTH_VERIFY_URL", None)  # the development verifier takes dev-<uid>
         self.env.update(extra_env)

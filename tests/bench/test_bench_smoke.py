@@ -36,3 +36,17 @@ def test_benchmark_smoke_run_completes_without_losing_messages(tmp_path):
         assert row["received"] == row["api_2xx"] == row["pushes"], row
     assert result["storage"]["rows"] == result["storage"]["users"]
     assert "| hub |" in (ROOT / "bench/results/smoke.md").read_text()
+
+
+def test_two_node_benchmark_shows_a_push_reaching_only_its_users_node(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PUSH_", "DATABASE_URL", "REDIS_URL"))}
+    run = subprocess.run(
+        [sys.executable, "bench/nodes.py", "--sockets", "40", "--pushes", "20", "--broadcasts", "2"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    row = json.loads((ROOT / "bench/results/nodes.json").read_text())
+    assert row["received"] == row["expected"] == 20 + 40 * 2 and row["lost"] == 0
+    assert row["bus_per_push"] == {"node_a": 1.0, "node_b": 0.0}
+    # 20 users per node: one chunk each, so one bus message per node per broadcast.
+    assert row["bus_per_broadcast"] == {"node_a": 1.0, "node_b": 1.0}
