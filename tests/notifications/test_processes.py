@@ -12,10 +12,12 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 
 from connections.models import Connection
+from connections.presence import presence
 from connections.protocol import MsgType
 from notifications.client import PushClient
 from notifications.models import ScheduleRun
 from notifications.publish import publish_stored
+from notifications.sharding import model_for_uid
 from notifications.store import NewMessage, messages_store
 from tests.scrape import scrape
 from tests.servers import celery_beat, celery_worker, daphne, open_socket
@@ -108,6 +110,47 @@ async def test_pushes_to_a_user_reach_only_the_node_that_holds_the_user(nodes, n
             assert bus_received(node_b) - before_b >= 1
         finally:
             await ws_b.close()
+    finally:
+        await ws.close()
+
+
+@database_sync_to_async
+def leave_a_stale_entry(uid: int, node: str) -> None:
+    """A presence entry naming ``node`` for a socket it does not hold (as a node killed mid-session leaves)."""
+    presence().add(uid, f"{node}.999999", f"{node} 1 0")
+
+
+@database_sync_to_async
+def unsent_bodies(uid: int) -> list[dict[str, Any]]:
+    return [row.body for row in model_for_uid(uid).objects.filter(to_uid=uid, is_sent=False)]
+
+
+async def test_a_push_to_a_node_that_no_longer_holds_the_socket_stays_unsent_for_the_next_login(nodes, new_uid):
+    node_a, node_b = nodes
+    uid = new_uid()
+    await leave_a_stale_entry(uid, node_b.env["PUSH_NODE_ID"])
+    bystander = await open_socket(node_b, new_uid())  # node B is up and subscribed, holding another user
+    before_b = bus_received(node_b)
+
+    answer = await asyncio.to_thread(client_for(node_a).user_message, [uid], {"left": "unsent"})
+    assert answer["code"] == 200, answer
+    # Node B gets it, holds no such socket, and changes nothing: the row stays unsent.
+    for _ in range(50):
+        if bus_received(node_b) > before_b:
+            break
+        await asyncio.sleep(0.1)
+    assert bus_received(node_b) - before_b == 1
+    assert node_b.proc.poll() is None, node_b.output()
+    await asyncio.sleep(0.3)
+    assert await unsent_bodies(uid) == [{"left": "unsent"}]
+    with pytest.raises(TimeoutError):
+        await next_frame(bystander, timeout=0.3)
+    await bystander.close()
+
+    # The user's next login, on either node, gets it.
+    ws = await open_socket(node_a, uid)
+    try:
+        assert (await next_frame(ws))["body"] == {"to_uid": uid, "left": "unsent"}
     finally:
         await ws.close()
 
