@@ -16,6 +16,8 @@ import ssl
 import subprocess
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -203,3 +205,24 @@ async def test_two_nodes_behind_nginx_over_wss_deliver_and_recover(cluster, new_
         assert got["body"] == {"to_uid": uid, "after": "failover"}
     for ws in [ws for _, ws in back] + [ws for _, _, ws in clients["node-b"]]:
         await ws.close()
+
+
+def status_of(url: str, tls: ssl.SSLContext | None = None) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=10, context=tls) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_nginx_does_not_expose_metrics_that_each_node_serves_on_its_own_port(cluster):
+    # The nodes answer Prometheus on their own address (loopback here)...
+    for node in cluster["nodes"]:
+        assert status_of(f"http://127.0.0.1:{node.port}/metrics") == 200
+    # ...and the public side does not pass it on, whatever the path's spelling.
+    public = f"https://127.0.0.1:{cluster['port']}"
+    assert status_of(f"{public}/metrics", cluster["tls"]) == 404
+    assert status_of(f"{public}/metrics?x=1", cluster["tls"]) == 404
+    # A spelling nginx passes on reaches a node as a forwarded public client: refused, never the numbers.
+    assert status_of(f"{public}/metrics/", cluster["tls"]) in {403, 404}
+    assert status_of(f"{public}/api/push/config", cluster["tls"]) == 200  # the site itself is served
