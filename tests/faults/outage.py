@@ -145,6 +145,25 @@ def stored(uids: list[int]) -> dict[int, list[tuple[str, int]]]:
     }
 
 
+async def came_through(node: ServerProcess, clients: list[Client], pushers: list[asyncio.Task[None]]) -> None:
+    """Stop the pushers; the node is alive and healthy, and every client is logged in again."""
+    for task in pushers:
+        task.cancel()
+    await asyncio.gather(*pushers, return_exceptions=True)
+    assert node.proc is not None and node.proc.poll() is None, node.output()
+    assert await asyncio.to_thread(healthz, node.port) == 200
+    await asyncio.wait_for(asyncio.gather(*(c.logged_in.wait() for c in clients)), 15)
+
+
+def refused_at_once(pushes: Pushes, acked_before: int, acked_at_recovery: int, what: str) -> None:
+    """While the backend was away the API answered 503 at once, and only that; it took pushes before and after."""
+    assert pushes.refused, f"no push met the {what}"
+    assert {status for status, _ in pushes.refused} == {503}, pushes.refused
+    assert max(seconds for _, seconds in pushes.refused) < 5
+    acked_after = sum(len(acks) for acks in pushes.acked.values())
+    assert 0 < acked_before <= acked_at_recovery < acked_after, f"no push acknowledged before or after the {what}"
+
+
 async def served_again(pushes: Pushes, clients: list[Client], after: str) -> None:
     """A push to each client, once the backend is back, reaches it live."""
     sent = {}
