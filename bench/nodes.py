@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import time
@@ -30,7 +29,7 @@ import urllib.request
 import uuid
 
 from fanout import RESULTS, Server, django_setup, progress, raise_nofile, start_clients
-from run import BENCH_DB, prepare_database
+from run import bench_environment, prepare_database
 
 BUS = re.compile(r"^pushsite_bus_messages_total (\S+)$", re.M)
 
@@ -115,11 +114,7 @@ def main() -> int:
     parser.add_argument("--pushes", type=int, default=500)
     parser.add_argument("--broadcasts", type=int, default=5)
     args = parser.parse_args()
-    # The benchmark's own database and Redis database, as bench/run.py.
-    os.environ.setdefault("DATABASE_URL", f"mysql://root@127.0.0.1:3306/{BENCH_DB}")
-    os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/2")
-    os.environ["PUSH_ENV"] = "local"
-    os.environ["DJANGO_DEBUG"] = "false"
+    bench_environment()
     raise_nofile()
     prepare_database()
     row = run(args.sockets, args.pushes, args.broadcasts)

@@ -62,6 +62,14 @@ IN_FLIGHT = 64
 achieved: list[float] = []
 
 
+def bench_environment(database: str = BENCH_DB) -> None:
+    """The benchmark's own database and Redis database (unless given), the development verifier, DEBUG off."""
+    os.environ.setdefault("DATABASE_URL", f"mysql://root@127.0.0.1:3306/{database}")
+    os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/2")
+    os.environ["PUSH_ENV"] = "local"
+    os.environ["DJANGO_DEBUG"] = "false"
+
+
 def prepare_database(name: str = BENCH_DB) -> None:
     """A fresh database of the benchmark's own (``name``), migrated, with the shard tables.
 
@@ -389,10 +397,7 @@ def main() -> int:
     if args.smoke:
         args.sizes, args.broadcasts, args.stock_up_to, args.rate, args.storage_users = [50], 3, 50, 50, 500
         args.storm_sizes = [50]
-    os.environ.setdefault("DATABASE_URL", f"mysql://root@127.0.0.1:3306/{BENCH_DB}")
-    os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/2")
-    os.environ["PUSH_ENV"] = "local"
-    os.environ["DJANGO_DEBUG"] = "false"
+    bench_environment()
     raise_nofile()
     RESULTS.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()

@@ -63,7 +63,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.fanout import RESULTS, cpu_seconds, progress, raise_nofile, server_env  # noqa: E402
-from bench.run import ApiNode, prepare_database  # noqa: E402
+from bench.run import ApiNode, bench_environment, prepare_database  # noqa: E402
 from connections.protocol import CloseCode, Code, MsgType  # noqa: E402
 
 STORM_DB = "pushsite_storm"
@@ -479,10 +479,7 @@ def main() -> int:
     parser.add_argument("--sample-every", type=int, default=SAMPLE_EVERY, help="one user in this many gets a push")
     parser.add_argument("--out", default="storm")
     args = parser.parse_args()
-    os.environ.setdefault("DATABASE_URL", f"mysql://root@127.0.0.1:3306/{STORM_DB}")
-    os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/2")
-    os.environ["PUSH_ENV"] = "local"
-    os.environ["DJANGO_DEBUG"] = "false"
+    bench_environment(STORM_DB)
     raise_nofile()
     RESULTS.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
