@@ -15,7 +15,9 @@ Invariants guarded here:
   or through ``unread``; a push answered 503 stored nothing;
 * sockets that stayed open are served live again (the bus subscription moved
   to the new master), and sockets that dropped log in again;
-* the new master holds exactly the presence entries of the open sockets.
+* the new master holds exactly the presence entries of the open sockets;
+* a Celery worker on the same group follows it: a job queued after the
+  failover is run and its push reaches every client.
 """
 
 from __future__ import annotations
@@ -41,9 +43,10 @@ from tests.faults.outage import (
     refused_at_once,
     relation,
     served_again,
+    stored,
     wait_for,
 )
-from tests.servers import ServerProcess, daphne, free_port
+from tests.servers import ServerProcess, celery_worker, daphne, free_port
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -121,20 +124,24 @@ async def test_master_killed_fails_over_and_loses_nothing_acknowledged(verifier,
         redis_server(new_port, "--replicaof", "127.0.0.1", str(old_port), name="redis-replica"),
         *(sentinel(port, old_port, tmp_path) for port in sentinel_ports),
     ]
-    node = None
+    node = worker = None
     tasks: list[asyncio.Task[None]] = []
     try:
         for server in servers:
             server.start()
         await wait_until(lambda: group_ready(sentinel_ports, new_port), 30, "the sentinel group")
         sentinels = ",".join(f"127.0.0.1:{port}" for port in sentinel_ports)
+        redis_url = f"redis+sentinel://{sentinels}/{MASTER}/0"
         node = daphne(
             "sentinel-node",
-            PUSH_JOBS="inline",
-            REDIS_URL=f"redis+sentinel://{sentinels}/{MASTER}/0",
+            PUSH_JOBS="celery",  # Celery's broker is the same Sentinel group
+            PUSH_API_INLINE_MAX_UIDS=USERS // 2,  # a push to every client is a job
+            REDIS_URL=redis_url,
             PUSH_NODE_HEARTBEAT=1,  # the node retries the closes Redis refused once a second
         )
         node.start()
+        worker = celery_worker("sentinel-worker", PUSH_JOBS="celery", REDIS_URL=redis_url)
+        worker.start()
         uids = [new_uid() for _ in range(USERS)]
         clients = [Client(f"ws://127.0.0.1:{node.port}/ws/push/", uid) for uid in uids]
         tasks += [asyncio.create_task(client.run()) for client in clients]
@@ -173,6 +180,17 @@ async def test_master_killed_fails_over_and_loses_nothing_acknowledged(verifier,
 
         # The new master holds the presence of exactly the open sockets.
         await wait_for(lambda: relation(uids) == presence_entries(new_port, uids) and len(relation(uids)) == USERS)
+
+        # Celery followed too: a push to every client, queued on the new master, is run by the worker.
+        live_before = {client.uid: set(client.live) for client in clients}
+        answer = await asyncio.to_thread(pushes.api.user_message, uids, {"n": -2})
+        assert answer["code"] == 202, answer
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(c.live == live_before[c.uid] for c in clients):
+            await asyncio.sleep(0.1)
+        assert all(len(c.live - live_before[c.uid]) == 1 for c in clients), worker.output()
+        rows = await stored(uids)
+        assert all([n for _, n in rows[uid]].count(-2) == 1 for uid in uids)
         acked_total = sum(len(acks) for acks in pushes.acked.values())
         print(
             f"failover took {failover_seconds:.1f}s; pushes sent {pushes.sent}, acknowledged {acked_total} "
@@ -187,5 +205,7 @@ async def test_master_killed_fails_over_and_loses_nothing_acknowledged(verifier,
             await asyncio.gather(*tasks, return_exceptions=True)
         if node is not None:
             node.stop()
+        if worker is not None:
+            worker.stop()
         for server in servers:
             server.stop()
