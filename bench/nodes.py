@@ -22,22 +22,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 import urllib.request
 import uuid
 
 from fanout import RESULTS, Server, django_setup, progress, raise_nofile, start_clients
+from prometheus_client.parser import text_string_to_metric_families
 from run import bench_environment, prepare_database
-
-BUS = re.compile(r"^pushsite_bus_messages_total (\S+)$", re.M)
 
 
 def bus_messages(server: Server) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=10) as response:
-        found = BUS.search(response.read().decode())
-    return float(found.group(1)) if found else 0.0
+        text = response.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "pushsite_bus_messages_total"
+    )
 
 
 def run(sockets: int, pushes: int, broadcasts: int) -> dict[str, object]:

@@ -118,6 +118,10 @@ class Pushes:
         self.refused: list[tuple[int, float]] = []  # (status, seconds it took)
         self.sent = 0
 
+    def acknowledged(self) -> int:
+        """How many pushes the API answered 2xx."""
+        return sum(len(acks) for acks in self.acked.values())
+
     def push(self, uid: int) -> int:
         n, self.sent = self.sent, self.sent + 1
         started = time.monotonic()
@@ -160,7 +164,7 @@ def refused_at_once(pushes: Pushes, acked_before: int, acked_at_recovery: int, w
     assert pushes.refused, f"no push met the {what}"
     assert {status for status, _ in pushes.refused} == {503}, pushes.refused
     assert max(seconds for _, seconds in pushes.refused) < 5
-    acked_after = sum(len(acks) for acks in pushes.acked.values())
+    acked_after = pushes.acknowledged()
     assert 0 < acked_before <= acked_at_recovery < acked_after, f"no push acknowledged before or after the {what}"
 
 

@@ -80,7 +80,7 @@ async def test_redis_killed_and_restarted_loses_nothing_acknowledged(verifier, n
         pushers = [asyncio.create_task(pushes.loop(uids, offset)) for offset in range(PUSHERS)]
         tasks += pushers
         await asyncio.sleep(BEFORE_KILL)
-        acked_before = sum(len(acks) for acks in pushes.acked.values())
+        acked_before = pushes.acknowledged()
         server.kill()
         await asyncio.sleep(0.2)
         # Half the clients lose their socket during the outage and come back at once.
@@ -89,7 +89,7 @@ async def test_redis_killed_and_restarted_loses_nothing_acknowledged(verifier, n
             await client.drop()
         await asyncio.sleep(DOWN_FOR - 0.2)
         server = redis_server(redis_port).start()
-        acked_at_restart = sum(len(acks) for acks in pushes.acked.values())
+        acked_at_restart = pushes.acknowledged()
         await asyncio.sleep(AFTER_RESTART)
 
         # The node came through: alive, healthy, and every client is logged in again.
@@ -105,7 +105,7 @@ async def test_redis_killed_and_restarted_loses_nothing_acknowledged(verifier, n
 
         # Every acknowledged push: stored exactly once, and the user got it.
         delivered_live = await delivered_once(pushes, clients)
-        acked_total = sum(len(acks) for acks in pushes.acked.values())
+        acked_total = pushes.acknowledged()
 
         # The sockets closed during the outage left no relation row and no presence entry.
         await wait_for(lambda: relation(uids) == presence_entries(redis_port, uids) and len(relation(uids)) == USERS)

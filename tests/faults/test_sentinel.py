@@ -151,7 +151,7 @@ async def test_master_killed_fails_over_and_loses_nothing_acknowledged(verifier,
         pushers = [asyncio.create_task(pushes.loop(uids, offset)) for offset in range(PUSHERS)]
         tasks += pushers
         await asyncio.sleep(BEFORE_KILL)
-        acked_before = sum(len(acks) for acks in pushes.acked.values())
+        acked_before = pushes.acknowledged()
         servers[0].kill()
         killed_at = time.monotonic()
         await asyncio.sleep(0.2)
@@ -161,7 +161,7 @@ async def test_master_killed_fails_over_and_loses_nothing_acknowledged(verifier,
             await client.drop()
         await wait_until(lambda: master_port(sentinel_ports) == new_port, 30, "the failover")
         failover_seconds = time.monotonic() - killed_at
-        acked_at_failover = sum(len(acks) for acks in pushes.acked.values())
+        acked_at_failover = pushes.acknowledged()
         await asyncio.sleep(AFTER_FAILOVER)
 
         # The node came through without a restart, and every client is logged in again.
@@ -191,7 +191,7 @@ async def test_master_killed_fails_over_and_loses_nothing_acknowledged(verifier,
         assert all(len(c.live - live_before[c.uid]) == 1 for c in clients), worker.output()
         rows = await stored(uids)
         assert all([n for _, n in rows[uid]].count(-2) == 1 for uid in uids)
-        acked_total = sum(len(acks) for acks in pushes.acked.values())
+        acked_total = pushes.acknowledged()
         print(
             f"failover took {failover_seconds:.1f}s; pushes sent {pushes.sent}, acknowledged {acked_total} "
             f"(live {delivered_live}, through unread {acked_total - delivered_live}), "

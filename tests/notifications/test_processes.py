@@ -10,10 +10,12 @@ from typing import Any
 import pytest
 from channels.db import database_sync_to_async
 from django.conf import settings
+from django.utils import timezone
 
 from connections.models import Connection
 from connections.presence import presence
 from connections.protocol import MsgType
+from connections.services import presence_info
 from notifications.client import PushClient
 from notifications.models import ScheduleRun
 from notifications.publish import publish_stored
@@ -117,7 +119,7 @@ async def test_pushes_to_a_user_reach_only_the_node_that_holds_the_user(nodes, n
 @database_sync_to_async
 def leave_a_stale_entry(uid: int, node: str) -> None:
     """A presence entry naming ``node`` for a socket it does not hold (as a node killed mid-session leaves)."""
-    presence().add(uid, f"{node}.999999", f"{node} 1 0")
+    presence().add(uid, f"{node}.999999", presence_info(node=node, client_type=1, login_time=timezone.now()))
 
 
 @database_sync_to_async
