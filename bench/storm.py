@@ -49,6 +49,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -344,8 +345,19 @@ def _push_while_down(port: int, uids: list[int]) -> tuple[dict[int, str], Counte
     return {uid: ack for uid, _, ack in results if ack}, Counter(str(status) for _, status, _ in results)
 
 
-def run_storm(kind: str, sockets: int, sample_every: int = SAMPLE_EVERY) -> dict[str, Any]:
-    """Both waves against one server (``pushsite`` or ``reference``); pushes while it is down for pushsite only."""
+def _profiler(pid: int, path: Path) -> subprocess.Popen[bytes]:
+    """py-spy sampling one process (all threads, GIL holders marked) until it is sent SIGINT."""
+    args = [str(ROOT / ".venv/bin/py-spy"), "record", "--pid", str(pid), "--format", "raw", "--threads",
+            "--gil", "--rate", "250", "--output", str(path)]  # fmt: skip
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def run_storm(kind: str, sockets: int, sample_every: int = SAMPLE_EVERY, profile: Path | None = None) -> dict[str, Any]:
+    """Both waves against one server (``pushsite`` or ``reference``); pushes while it is down for pushsite only.
+
+    With ``profile``, py-spy samples the restarted server over the storm wave
+    into that file (collapsed stacks, GIL holders only).
+    """
     RESULTS.mkdir(parents=True, exist_ok=True)
     uids = list(range(UID_BASE, UID_BASE + sockets))
     node = Node(kind)
@@ -375,9 +387,13 @@ def run_storm(kind: str, sockets: int, sample_every: int = SAMPLE_EVERY) -> dict
         progress(f"storm, {kind}: restarted; {sockets} sockets reconnect")
         restarted = time.perf_counter()
         start_s = node.start()
+        profiler = _profiler(node.proc.pid, profile) if profile is not None and node.proc is not None else None
         cpu2, client2 = node.cpu(), cpu_seconds(client.pid)
         pipe.send({"wave": 2, "expect": len(pushed)})
         storm = _answer(pipe, "storm", timeout)
+        if profiler is not None:
+            profiler.send_signal(signal.SIGINT)
+            profiler.wait(60)
         cpu3, client3 = node.cpu(), cpu_seconds(client.pid)
         got = _answer(pipe, "messages", 60 + IDLE_GIVE_UP)["received"]
         client.join(30)
@@ -420,11 +436,12 @@ def run_storm(kind: str, sockets: int, sample_every: int = SAMPLE_EVERY) -> dict
     }
 
 
-def storm_case(sockets: int, sample_every: int = SAMPLE_EVERY) -> list[dict[str, Any]]:
+def storm_case(sockets: int, sample_every: int = SAMPLE_EVERY, profile: bool = False) -> list[dict[str, Any]]:
     """The reference, then pushsite, with the same client; pushsite's row carries the ratios."""
     ref = run_storm("reference", sockets)
     progress(f"storm, reference {sockets}: {ref['first_wave_logins_per_s']} / {ref['storm_logins_per_s']} logins/s")
-    row = run_storm("pushsite", sockets, sample_every)
+    path = RESULTS / f"storm-profile-{sockets}.txt" if profile else None
+    row = run_storm("pushsite", sockets, sample_every, profile=path)
     row["x_reference_first"] = round(row["first_wave_logins_per_s"] / ref["first_wave_logins_per_s"], 2)
     row["x_reference_storm"] = round(row["storm_logins_per_s"] / ref["storm_logins_per_s"], 2)
     progress(
@@ -478,13 +495,18 @@ def main() -> int:
     parser.add_argument("--sockets", type=int, nargs="+", default=[3000])
     parser.add_argument("--sample-every", type=int, default=SAMPLE_EVERY, help="one user in this many gets a push")
     parser.add_argument("--out", default="storm")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="sample pushsite's daphne with py-spy over the storm: bench/results/storm-profile-N.txt",
+    )
     args = parser.parse_args()
     bench_environment(STORM_DB)
     raise_nofile()
     RESULTS.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     prepare_database(STORM_DB)
-    rows = [row for sockets in args.sockets for row in storm_case(sockets, args.sample_every)]
+    rows = [row for sockets in args.sockets for row in storm_case(sockets, args.sample_every, args.profile)]
     table = "\n".join(report(rows)) + "\n"
     (RESULTS / f"{args.out}.json").write_text(
         json.dumps({"storm": rows, "seconds": round(time.monotonic() - started)}, indent=2)
