@@ -1,4 +1,4 @@
-"""daphne, with seven things its WebSocket protocol does not do by itself.
+"""daphne, with nine things its WebSocket protocol does not do by itself.
 
 1. Close with the registered codes the contract uses. autobahn (daphne's
 WebSocket library) lets an application close only with 1000 or 3000-4999, so
@@ -71,6 +71,19 @@ autobahn sends the close frame with 1007 and skips the frame; daphne never
 sees it. Guarded by
 tests/connections/test_daphne_limits.py::test_invalid_utf8_in_a_text_frame_closes_with_1007.
 
+9. Listen with a backlog that takes a reconnect storm. daphne builds its
+``-b``/``-p`` and ``-u`` listeners from Twisted endpoint strings without a
+backlog, and Twisted listens with 50. When a node comes back, hundreds of
+clients connect in the same millisecond: past 50 unaccepted connections the
+kernel drops their SYNs, and each such client waits a full second for its
+retransmit. In the storm benchmark a wave of 3,000 logins took 2.0 s where
+1.3 s of it was work, with 1,553 listen overflows; with the backlog at
+PUSH_LISTEN_BACKLOG (default 4096; the kernel caps it at
+``net.core.somaxconn``) it took 1.3 s and overflowed none (bench/README.md,
+storm). A ``tcp``, ``tcp6`` or ``unix`` endpoint string that names its own
+``backlog`` keeps it. Guarded by
+tests/connections/test_daphne.py::test_daphne_listens_with_the_configured_backlog.
+
 Each item has an entry in ``PATCHES``: the versions of daphne, autobahn and
 Twisted it was written for, the upstream names it replaces or relies on, the
 upstream behaviour it replaces and when a later version could drop it.
@@ -92,6 +105,7 @@ import importlib
 import importlib.metadata
 import inspect
 import logging
+import re
 import struct
 from dataclasses import dataclass
 from functools import partial
@@ -304,6 +318,20 @@ PATCHES = (
             ),
         ),
     ),
+    Patch(
+        9,
+        "listen backlog",
+        {"daphne": DAPHNE, "Twisted": TWISTED},
+        replaces="daphne's endpoint strings name no backlog, so Twisted's tcp and unix listeners take 50, "
+        "and a reconnect storm's connections past it wait a second for their SYN to be sent again",
+        drop_when="daphne takes a backlog option, or its endpoint strings ask for one of a few thousand",
+        upstream=(
+            Upstream("daphne.server:serverFromString", ("reactor", "description"), replaced=True),
+            Upstream("daphne.server:Server.run", uses=("serverFromString",)),
+            Upstream("twisted.internet.endpoints:_parseTCP", ("factory", "port", "interface", "backlog")),
+            Upstream("twisted.internet.endpoints:_parseUNIX", ("factory", "address", "mode", "backlog", "lockfile")),
+        ),
+    ),
 )
 
 
@@ -483,7 +511,39 @@ def install_close_codes() -> bool:
     WebSocketFactory.protocol = PushWebSocketProtocol
     _small_queues_for(PushWebSocketProtocol)
     _lazy_debug_arguments()
+    _listen_backlog()
     return True
+
+
+# An endpoint string's kind, and a ``backlog`` parameter it names (``\:`` is an escaped colon).
+_LISTENS_WITH_BACKLOG = ("tcp", "tcp6", "unix")
+_BACKLOG_PARAMETER = re.compile(r"(?<!\\):backlog=")
+
+
+def with_backlog(description: str, backlog: int) -> str:
+    """A Twisted server endpoint string listening with ``backlog``, unless it names its own (item 9)."""
+    kind = description.split(":", 1)[0]
+    if kind not in _LISTENS_WITH_BACKLOG or _BACKLOG_PARAMETER.search(description):
+        return description
+    return f"{description}:backlog={backlog}"
+
+
+def _listen_backlog() -> None:
+    """daphne's listeners, built from its endpoint strings with PUSH_LISTEN_BACKLOG (item 9)."""
+    import daphne.server as server
+
+    upstream = server.serverFromString
+    if getattr(upstream, "pushsite_backlog", False):
+        return
+
+    def serverFromString(reactor: Any, description: str) -> Any:  # noqa: N802 - the name daphne calls
+        from django.conf import settings
+
+        return upstream(reactor, with_backlog(description, settings.PUSH_LISTEN_BACKLOG))
+
+    serverFromString.__wrapped__ = upstream  # type: ignore[attr-defined]  # what check_patches reads
+    serverFromString.pushsite_backlog = True  # type: ignore[attr-defined]
+    server.serverFromString = serverFromString
 
 
 class Lazy:

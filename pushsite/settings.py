@@ -312,6 +312,11 @@ PUSH_LOGIN_NEGATIVE_CACHE_TTL = env_int("PUSH_LOGIN_NEGATIVE_CACHE_TTL", 10)
 PUSH_IDLE_TIMEOUT = env_int("PUSH_IDLE_TIMEOUT", 180)
 PUSH_MAX_CONNECTIONS = env_int("PUSH_MAX_CONNECTIONS", 10000)
 PUSH_MAX_FRAME_BYTES = 64 * 1024
+# Connections the kernel queues for daphne to accept (pushsite/server.py, item 9);
+# Linux caps it at net.core.somaxconn.
+PUSH_LISTEN_BACKLOG = env_int("PUSH_LISTEN_BACKLOG", 4096)
+if not 1 <= PUSH_LISTEN_BACKLOG <= 65535:
+    raise ImproperlyConfigured(f"PUSH_LISTEN_BACKLOG must be 1 to 65535, got {PUSH_LISTEN_BACKLOG}")
 # Deepest JSON nesting a frame or a push API body may have (the outer object is
 # 1); MariaDB's JSON column refuses documents from depth 32 on.
 PUSH_MAX_JSON_DEPTH = env_int("PUSH_MAX_JSON_DEPTH", 20)

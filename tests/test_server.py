@@ -229,3 +229,13 @@ def test_a_daphne_with_other_versions_exits_naming_the_patch(tmp_path):
     assert started.returncode != 0
     assert "PatchVersionError" in started.stderr
     assert "written for autobahn" in started.stderr and "found autobahn 99.0" in started.stderr
+
+
+def test_endpoint_strings_get_the_backlog_unless_they_name_one():
+    from pushsite.server import with_backlog
+
+    assert with_backlog("tcp:port=8001:interface=127.0.0.1", 4096) == "tcp:port=8001:interface=127.0.0.1:backlog=4096"
+    assert with_backlog(r"tcp6:port=8001:interface=\:\:1", 7) == r"tcp6:port=8001:interface=\:\:1:backlog=7"
+    assert with_backlog("unix:/run/pushsite.sock", 7) == "unix:/run/pushsite.sock:backlog=7"
+    assert with_backlog("tcp:port=8001:backlog=128", 4096) == "tcp:port=8001:backlog=128"  # the operator's own
+    assert with_backlog("fd:fileno=3", 4096) == "fd:fileno=3"  # a socket listening already: not ours to size

@@ -15,6 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import select
+import signal
+import socket
 import sqlite3
 import time
 import uuid
@@ -564,3 +568,41 @@ async def test_a_daphne_stopped_with_sigterm_removes_its_rows_and_presence_at_on
         assert await server.relation_rows(uid) == [], server.process.output()
         assert not server.presence(uid)
     assert await server.node_age() is None
+
+
+def queued_connections(server: Daphne, attempts: int, *, within: float = 2.0) -> int:
+    """Connections the kernel completes for a daphne that accepts none (stopped): what its listen backlog holds."""
+    assert server.process.proc is not None
+    pid = server.process.proc.pid
+    sockets: list[socket.socket] = []
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for _ in range(attempts):
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", server.port))
+            sockets.append(sock)
+        pending, connected = set(sockets), 0
+        deadline = time.monotonic() + within
+        while pending and time.monotonic() < deadline:
+            _, writable, _ = select.select([], list(pending), [], max(0.0, deadline - time.monotonic()))
+            for sock in writable:
+                pending.discard(sock)
+                connected += sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+        return connected
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        for sock in sockets:
+            sock.close()
+
+
+async def test_daphne_listens_with_the_configured_backlog(start_daphne, ws_connect):
+    # A reconnect storm: hundreds of connections before the loop accepts any.
+    # Twisted's own backlog (50) has the kernel drop the SYNs past it, and
+    # those clients wait a second for their retransmit (pushsite/server.py, item 9).
+    default = start_daphne()
+    assert queued_connections(default, 300) == 300
+    small = start_daphne(PUSH_LISTEN_BACKLOG="50")
+    assert queued_connections(small, 300) <= 51
+    for server in (default, small):  # both serve on afterwards
+        assert (await (await ws_connect(server)).request("heartbeat"))["code"] == 200
