@@ -56,7 +56,10 @@ async def main(port: int) -> None:
         finally:
             sockets.pop(ws, None)
 
-    async with websockets.serve(handler, "127.0.0.1", port, compression=None, max_queue=None):
+    # The backlog pushsite's daphne listens with (PUSH_LISTEN_BACKLOG): with
+    # asyncio's 100, the kernel dropped SYNs of a 200-connection burst and the
+    # reference waited a second for their retransmits.
+    async with websockets.serve(handler, "127.0.0.1", port, compression=None, max_queue=None, backlog=4096):
         await asyncio.Future()
 
 
