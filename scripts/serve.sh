@@ -98,7 +98,7 @@ for pattern, replacement in [
     (r"(upstream pushsite_nodes \{\n    ip_hash;\n)(?:    server .*\n)+", rf"\g<1>    server {os.environ['NODE']};\n"),
     (r"(upstream pushsite_api \{\n)(?:    server .*\n)+", rf"\g<1>    server {os.environ['API']};\n"),
     (r"server \{\n    listen 80;\n(?:.*\n)*?\}\n\n", ""),
-    (r"    listen 443 ssl http2;\n    listen \[::\]:443 ssl http2;\n", f"    listen {os.environ['LISTEN']};\n"),
+    (r"    listen 443 ssl http2( backlog=\d+);\n    listen \[::\]:443 ssl http2 backlog=\d+;\n", rf"    listen {os.environ['LISTEN']}\g<1>;\n"),
     (r"(?:    ssl_.*\n)+", ""),
     (r"    location /static/ \{\n(?:.*\n)*?    \}\n\n", ""),
 ]:
