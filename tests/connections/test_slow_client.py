@@ -103,3 +103,61 @@ async def test_a_client_that_does_not_read_is_dropped_and_delays_nobody(server, 
     # the growth is what serving 500 requests costs.
     assert rss_kib(server.proc.pid) - rss_before < 32 * 1024
     await fast.close()
+
+
+# A masked client close frame, code 1000 (RFC 6455 5.5.1): written to the raw
+# socket by hand, because a client library closing would read the frames first.
+CLOSE_1000 = bytes([0x88, 0x82, 1, 2, 3, 4]) + bytes(b ^ m for b, m in zip((0x03, 0xE8), (1, 2), strict=True))
+
+
+@pytest.fixture
+def roomy_server(verify_server):
+    """A daphne that holds up to 256 MiB for a client that does not read (so it never drops one)."""
+    env = configuration_environment(
+        Path(tempfile.mkdtemp(prefix="pushsite-closing-")), verify_url=verify_server.url, verify_token=VERIFY_TOKEN
+    )
+    env.update({"PUSH_JOBS": "inline", "PUSH_MAX_PENDING_BYTES": str(256 * 1024 * 1024)})
+    env.update({"PUSH_REDIS_PREFIX": "closingtest", "PUSH_API_SECRET": settings.PUSH_API_SECRET})
+    prepare_server_database(env)
+    node = daphne_with("daphne-closing", env)
+    node.start()
+    yield node
+    node.stop()
+
+
+async def test_a_frame_to_a_socket_whose_close_has_begun_is_dropped_and_counted(roomy_server, new_uid):
+    # The client sends its close frame while the server still holds frames it
+    # has not read: the close handshake has begun, but the server cannot finish
+    # it (its close reply waits behind those frames), so the socket is still
+    # the user's. A push to it now cannot arrive: dropped, reason "closed".
+    server, uid = roomy_server, new_uid()
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.connect(("127.0.0.1", server.port))
+    slow = await websockets.connect(f"ws://127.0.0.1:{server.port}/ws/push/", sock=raw, max_queue=1)
+    await login(slow, uid)
+    api = PushClient(f"http://127.0.0.1:{server.port}", secret=settings.PUSH_API_SECRET, timeout=15)
+    pad = {"pad": "x" * PAD}
+    # 9 MB: more than the kernel's buffers on both sides (4 MiB send, and the
+    # client's 4 KiB), so the rest waits in the server.
+    for first in range(0, 600, 8):
+        await asyncio.gather(
+            *(asyncio.to_thread(api.user_message, [uid], {**pad, "n": n}) for n in range(first, first + 8))
+        )
+
+    def dropped() -> float:
+        return scrape(server.port).value("pushsite_frames_dropped_total", reason="closed")
+
+    assert dropped() == 0
+    raw.send(CLOSE_1000)
+    for _ in range(100):  # until the server has read the close frame
+        answer = await asyncio.to_thread(api.user_message, [uid], {"after": "close"})
+        assert answer["data"]["stored"] == 1  # stored all the same: unread for the next login
+        if dropped():
+            break
+        await asyncio.sleep(0.1)
+    assert dropped() == 1
+    await asyncio.to_thread(api.user_message, [uid], {"after": "close", "again": True})
+    assert dropped() == 2  # one more push, one more frame dropped: one socket
+    assert scrape(server.port).value("pushsite_frames_dropped_total", reason="slow_client") == 0
+    raw.close()
