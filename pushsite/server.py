@@ -536,7 +536,7 @@ def _listen_backlog() -> None:
     if getattr(upstream, "pushsite_backlog", False):
         return
 
-    def serverFromString(reactor: Any, description: str) -> Any:  # noqa: N802 - the name daphne calls
+    def serverFromString(reactor: Any, description: str) -> Any:  # the name daphne calls
         from django.conf import settings
 
         return upstream(reactor, with_backlog(description, settings.PUSH_LISTEN_BACKLOG))

@@ -70,9 +70,7 @@ def backends(verifier):
 
 
 def push(node, uids: list[int], *, retries: int = 3) -> tuple[int, dict]:
-    client = PushClient(
-        f"http://127.0.0.1:{node.port}", secret=settings.PUSH_API_SECRET, timeout=15, retries=retries
-    )
+    client = PushClient(f"http://127.0.0.1:{node.port}", secret=settings.PUSH_API_SECRET, timeout=15, retries=retries)
     try:
         return 200, client.user_message(uids, {"outage": True})
     except PushError as error:
