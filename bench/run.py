@@ -88,12 +88,17 @@ def prepare_database(name: str = BENCH_DB) -> None:
 # --- 3. latency ---------------------------------------------------------------------
 
 
-def latency_case(sockets: int, rate: int, seconds: float, api: str = "daphne") -> dict[str, object]:
+def latency_case(
+    sockets: int, rate: int, seconds: float, api: str = "daphne", keyed: bool = False
+) -> dict[str, object]:
     """Signed API pushes to random online users at a fixed rate; latency at the client.
 
     The sockets are on daphne either way; ``api`` says which server answers the
     push API: that daphne itself, or an API node (uvicorn + httptools) beside
     it on the same database and Redis prefix, so its publishes reach daphne's hub.
+    Every push goes through the exactly-once check (keyed by its signature);
+    ``keyed`` sends each with an ``Idempotency-Key`` of its own, as a sender
+    that retries would.
     """
     server = Server("hub", PUSH_FRAME_RATE="1000")
     node = ApiNode(server) if api == "uvicorn" else None
@@ -107,13 +112,13 @@ def latency_case(sockets: int, rate: int, seconds: float, api: str = "daphne") -
         # Users of their own per case: a row the previous case's server wrote
         # but had not marked sent when it stopped would be replayed at login
         # and counted here, with that case's send time.
-        uid_base = {"daphne": 20_000_000, "uvicorn": 21_000_000}[api]
+        uid_base = {"daphne": 20_000_000, "uvicorn": 21_000_000}[api] + (2_000_000 if keyed else 0)
         client, pipe, uids, _ = start_clients(server, sockets, warm + total, record_latency=True, uid_base=uid_base)
         api_port = node.port if node else server.port
         api_cpu = node.cpu if node else server.cpu
         cpu0, api_cpu0 = server.cpu(), api_cpu()
         pipe.send("go")
-        answers, answer_times = asyncio.run(_push_at_rate(api_port, uids, rate, total, warm))
+        answers, answer_times = asyncio.run(_push_at_rate(api_port, uids, rate, total, warm, keyed=keyed))
         result = pipe.recv()
         # Both processes' time, from the first push to the last frame at the client.
         api_cpu_s = api_cpu() - api_cpu0
@@ -128,6 +133,7 @@ def latency_case(sockets: int, rate: int, seconds: float, api: str = "daphne") -
 
         return {
             "api": api,
+            "keyed": keyed,
             "sockets": sockets,
             "rate": rate,
             "achieved_rate": round(achieved[-1]) if achieved else 0,
@@ -182,7 +188,7 @@ class ApiNode:
 
 
 async def _push_at_rate(
-    port: int, uids: list[int], rate: int, total: int, warm: int = 0
+    port: int, uids: list[int], rate: int, total: int, warm: int = 0, keyed: bool = False
 ) -> tuple[list[int], list[float]]:
     """Statuses of every push, and the seconds each measured 200 took to come back.
 
@@ -199,12 +205,16 @@ async def _push_at_rate(
     # queueing in the latency, not as a client that falls over.
     in_flight = asyncio.Semaphore(IN_FLIGHT)
     pool = _KeepAlivePool(port)
+    run_id = uuid.uuid4().hex[:8]
 
-    async def one(uid: int, warming: bool) -> None:
+    async def one(uid: int, warming: bool, n: int) -> None:
         try:
             sent = time.perf_counter()
             body = json.dumps({"uid": uid, "body": {"t": sent, "warm": 1} if warming else {"t": sent}}).encode()
-            status = await pool.post("/api/notice/userMessage", body, signed_headers(secret, body))
+            headers = signed_headers(secret, body)
+            if keyed:
+                headers["Idempotency-Key"] = f"bench-{run_id}-{n}"
+            status = await pool.post("/api/notice/userMessage", body, headers)
             statuses.append(status)
             if status == 200 and not warming:
                 answer_times.append(time.perf_counter() - sent)
@@ -220,7 +230,7 @@ async def _push_at_rate(
         if delay > 0:
             await asyncio.sleep(delay)
         await in_flight.acquire()
-        tasks.append(asyncio.create_task(one(random.choice(uids), n < warm)))
+        tasks.append(asyncio.create_task(one(random.choice(uids), n < warm, n)))
     await asyncio.gather(*tasks)
     achieved.append((warm + total) / (time.perf_counter() - started))
     pool.close()
@@ -349,8 +359,9 @@ def report(fanout: list[dict], latency: list[dict], storm: list[str], storage: d
         "",
         "## Personal push latency (signed API -> frame at the client, storage on)",
         "",
-        "Sockets on daphne in both rows; the API answered by that daphne or by an API node"
-        " (uvicorn + httptools). The first second of pushes warms the servers up: they count in pushes,"
+        "Sockets on daphne in every row; the API answered by that daphne or by an API node"
+        " (uvicorn + httptools), in the last row with an Idempotency-Key of its own on every push."
+        " The first second of pushes warms the servers up: they count in pushes,"
         " 2xx and received, not in the percentiles. Answer: request sent -> 200 read. CPU per push: the"
         " process answering the API / every server process.",
         "",
@@ -359,7 +370,8 @@ def report(fanout: list[dict], latency: list[dict], storm: list[str], storage: d
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {row['api']} | {row['sockets']} | {row['rate']} | {row['achieved_rate']} | {row['pushes']} "
+        f"| {row['api'] + (' + Idempotency-Key' if row.get('keyed') else '')} "
+        f"| {row['sockets']} | {row['rate']} | {row['achieved_rate']} | {row['pushes']} "
         f"| {row['api_2xx']} | {row['received']} | {row['p50_ms']} | {row['p95_ms']} | {row['p99_ms']} "
         f"| {row['answer_p50_ms']} / {row['answer_p99_ms']} "
         f"| {row['api_cpu_ms_per_push']} | {row['server_cpu_ms_per_push']} |"
@@ -412,8 +424,8 @@ def main() -> int:
             fanout.append(row)
             progress(f"{path} {sockets}: {row['msgs_per_s']} msgs/s, {row['kib_per_socket']} KiB/socket")
     latency = []
-    for api in ("daphne", "uvicorn"):
-        latency.append(latency_case(min(args.sizes[0], 1000), args.rate, 4 if args.smoke else 10, api))
+    for api, keyed in (("daphne", False), ("uvicorn", False), ("uvicorn", True)):
+        latency.append(latency_case(min(args.sizes[0], 1000), args.rate, 4 if args.smoke else 10, api, keyed))
         progress(f"latency ({api} API): p50 {latency[-1]['p50_ms']} ms, p99 {latency[-1]['p99_ms']} ms")
     # Before storage: that case clears the relation table, rows of the killed daphne included.
     storm = [row for sockets in args.storm_sizes for row in storm_bench.storm_case(sockets)]

@@ -31,11 +31,27 @@ def test_benchmark_smoke_run_completes_without_losing_messages(tmp_path):
     assert paths == {"reference", "hub", "layer"}
     for row in result["fanout"]:
         assert row["received"] == row["expected"] and row["logins_per_s"] > 0
-    assert [row["api"] for row in result["latency"]] == ["daphne", "uvicorn"]
+    assert [(row["api"], row["keyed"]) for row in result["latency"]] == [
+        ("daphne", False),
+        ("uvicorn", False),
+        ("uvicorn", True),
+    ]
     for row in result["latency"]:
         assert row["received"] == row["api_2xx"] == row["pushes"], row
     assert result["storage"]["rows"] == result["storage"]["users"]
     assert "| hub |" in (ROOT / "bench/results/smoke.md").read_text()
+
+
+def test_idempotency_benchmark_runs_each_push_once(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PUSH_", "DATABASE_URL", "REDIS_URL"))}
+    run = subprocess.run(
+        [sys.executable, "bench/idempotency.py", "--pushes", "50", "--out", "idempotency-smoke"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = json.loads((ROOT / "bench/results/idempotency-smoke.json").read_text())["idempotency"]
+    assert [row["case"] for row in rows] == ["first", "replay", "conflict"]
+    assert all(row["calls"] == 50 and row["p99_ms"] >= row["p50_ms"] > 0 for row in rows)
 
 
 def test_two_node_benchmark_shows_a_push_reaching_only_its_users_node(tmp_path):
