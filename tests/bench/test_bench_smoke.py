@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from django.conf import settings
 
-ROOT = Path(__file__).resolve().parent.parent.parent
+from tests.bench.runner import ROOT, run_bench
 
 pytestmark = [
     pytest.mark.slow,
@@ -20,12 +16,7 @@ pytestmark = [
 
 
 def test_benchmark_smoke_run_completes_without_losing_messages(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PUSH_", "DATABASE_URL", "REDIS_URL"))}
-    run = subprocess.run(
-        [sys.executable, "bench/run.py", "--smoke", "--out", "smoke"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run_bench("run.py", "--smoke", "--out", "smoke", timeout=300)
     result = json.loads((ROOT / "bench/results/smoke.json").read_text())
     paths = {row["path"] for row in result["fanout"]}
     assert paths == {"reference", "hub", "layer"}
@@ -43,24 +34,14 @@ def test_benchmark_smoke_run_completes_without_losing_messages(tmp_path):
 
 
 def test_idempotency_benchmark_runs_each_push_once(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PUSH_", "DATABASE_URL", "REDIS_URL"))}
-    run = subprocess.run(
-        [sys.executable, "bench/idempotency.py", "--pushes", "50", "--out", "idempotency-smoke"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run_bench("idempotency.py", "--pushes", "50", "--out", "idempotency-smoke", timeout=300)
     rows = json.loads((ROOT / "bench/results/idempotency-smoke.json").read_text())["idempotency"]
     assert [row["case"] for row in rows] == ["first", "replay", "conflict"]
     assert all(row["calls"] == 50 and row["p99_ms"] >= row["p50_ms"] > 0 for row in rows)
 
 
 def test_two_node_benchmark_shows_a_push_reaching_only_its_users_node(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PUSH_", "DATABASE_URL", "REDIS_URL"))}
-    run = subprocess.run(
-        [sys.executable, "bench/nodes.py", "--sockets", "40", "--pushes", "20", "--broadcasts", "2"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run_bench("nodes.py", "--sockets", "40", "--pushes", "20", "--broadcasts", "2", timeout=300)
     row = json.loads((ROOT / "bench/results/nodes.json").read_text())
     assert row["received"] == row["expected"] == 20 + 40 * 2 and row["lost"] == 0
     assert row["bus_per_push"] == {"node_a": 1.0, "node_b": 0.0}

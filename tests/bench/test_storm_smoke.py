@@ -8,15 +8,11 @@ configuration; in the embedded one (no DATABASE_URL) it is skipped.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from django.conf import settings
 
-ROOT = Path(__file__).resolve().parent.parent.parent
+from tests.bench.runner import ROOT, run_bench
 
 pytestmark = [
     pytest.mark.slow,
@@ -25,12 +21,7 @@ pytestmark = [
 
 
 def test_storm_smoke_run_brings_every_socket_back_with_each_push_once():
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PUSH_", "DATABASE_URL", "REDIS_URL"))}
-    run = subprocess.run(
-        [sys.executable, "bench/storm.py", "--sockets", "50", "--out", "storm-smoke"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run_bench("storm.py", "--sockets", "50", "--out", "storm-smoke", timeout=120)
     rows = {row["server"]: row for row in json.loads((ROOT / "bench/results/storm-smoke.json").read_text())["storm"]}
     assert set(rows) == {"reference", "pushsite"}
     for row in rows.values():
