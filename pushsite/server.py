@@ -77,10 +77,10 @@ backlog, and Twisted listens with 50. When a node comes back, hundreds of
 clients connect in the same millisecond: past 50 unaccepted connections the
 kernel drops their SYNs, and each such client waits a full second for its
 retransmit. In the storm benchmark a wave of 3,000 logins took 2.0 s where
-1.3 s of it was work, with 1,553 listen overflows; with the backlog at
-PUSH_LISTEN_BACKLOG (default 4096; the kernel caps it at
-``net.core.somaxconn``) it took 1.3 s and overflowed none (bench/README.md,
-storm). A ``tcp``, ``tcp6`` or ``unix`` endpoint string that names its own
+1.3 s of it was work, and the kernel's ``TcpExtListenOverflows`` rose by
+hundreds per run; with the backlog at PUSH_LISTEN_BACKLOG (default 4096; the
+kernel caps it at ``net.core.somaxconn``) the wave took 1.3 s and the counter
+did not move (bench/README.md, storm). A ``tcp``, ``tcp6`` or ``unix`` endpoint string that names its own
 ``backlog`` keeps it. Guarded by
 tests/connections/test_daphne.py::test_daphne_listens_with_the_configured_backlog.
 

@@ -1,7 +1,9 @@
 """A client that does not read: the others are not delayed, server memory stays bounded.
 
 Real daphne, real sockets: the slow client has a tiny receive buffer and
-never reads, while pushes of 8 KiB each flow to it and to a normal client.
+never reads, while pushes of 15 KB each flow to it and to a normal client.
+Such a client that then sends its close frame leaves a socket whose close
+has begun: what is pushed to it is dropped and counted (reason "closed").
 """
 
 from __future__ import annotations
