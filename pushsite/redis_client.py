@@ -22,7 +22,7 @@ import redis.asyncio.sentinel
 import redis.sentinel
 from django.conf import settings
 
-from .redis_url import SENTINEL_SOCKET_OPTIONS, parse_sentinel_url
+from .redis_url import parse_sentinel_url
 
 _async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis] = weakref.WeakKeyDictionary()
 
@@ -50,7 +50,7 @@ def redis_client_for(url: str) -> redis.Redis:
     sentinel = parse_sentinel_url(url)
     if sentinel is None:
         return redis.Redis.from_url(url, **_SYNC_OPTIONS)
-    manager = redis.sentinel.Sentinel(list(sentinel.sentinels), sentinel_kwargs=dict(SENTINEL_SOCKET_OPTIONS))
+    manager = redis.sentinel.Sentinel(list(sentinel.sentinels), sentinel_kwargs=sentinel.sentinel_options())
     return manager.master_for(sentinel.master, **sentinel.master_options(), **_SYNC_OPTIONS)
 
 
@@ -69,7 +69,7 @@ def get_async_redis() -> aioredis.Redis:
             client = aioredis.Redis.from_url(settings.REDIS_URL, **_ASYNC_OPTIONS)
         else:
             manager = redis.asyncio.sentinel.Sentinel(
-                list(sentinel.sentinels), sentinel_kwargs=dict(SENTINEL_SOCKET_OPTIONS)
+                list(sentinel.sentinels), sentinel_kwargs=sentinel.sentinel_options()
             )
             client = manager.master_for(sentinel.master, **sentinel.master_options(), **_ASYNC_OPTIONS)
         _async_clients[loop] = client
@@ -88,7 +88,7 @@ class CachePool(redis.ConnectionPool):
         sentinel = parse_sentinel_url(url)
         if sentinel is None:
             return redis.ConnectionPool.from_url(url, **options)
-        manager = redis.sentinel.Sentinel(list(sentinel.sentinels), sentinel_kwargs=dict(SENTINEL_SOCKET_OPTIONS))
+        manager = redis.sentinel.Sentinel(list(sentinel.sentinels), sentinel_kwargs=sentinel.sentinel_options())
         return redis.sentinel.SentinelConnectionPool(sentinel.master, manager, **sentinel.master_options(), **options)
 
 

@@ -3,23 +3,24 @@
 Two forms (docs/protocol.md, configuration):
 
 * ``redis://[:password@]host:port/<db>``: one server, as redis-py reads it;
-* ``redis+sentinel://[:password@]host:port[,host:port...]/<master name>[/<db>]``:
+* ``redis+sentinel://[:password@]host:port[,host:port...]/<master name>[/<db>][?sentinel_password=<pw>]``:
   the sentinels to ask, the name they monitor the master under, and the
   database number (default 0). The password is the master's (and its
-  replicas'); the sentinels are asked without one.
+  replicas'); the sentinels are asked with ``sentinel_password`` when it is
+  given (a sentinel with ``requirepass``), without one otherwise.
 
 Each part of pushsite that talks to Redis speaks Sentinel through its own
 library (redis-py for the bus, presence and the login cache; channels-redis;
 kombu for the Celery broker). This module turns the one URL into the form each
-of them takes, so that settings and pushsite/redis_client.py agree. It imports
-neither Django nor a Redis library: settings reads it at start-up.
+of them takes, so that settings and pushsite/redis_client.py agree. It does not
+import Django: settings reads it at start-up.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import parse_qsl, quote, unquote
 
 SENTINEL_SCHEME = "redis+sentinel://"
 
@@ -34,6 +35,23 @@ class SentinelURL:
     master: str
     db: int
     password: str | None
+    sentinel_password: str | None = None
+
+    def sentinel_options(self) -> dict[str, Any]:
+        """What a connection to a sentinel needs: short timeouts, and its password if it has one.
+
+        The password goes in a credential provider, not as ``password``:
+        redis-py's "No master found" error spells out every keyword of the
+        sentinels' connections, and that error reaches log lines.
+        """
+        if not self.sentinel_password:
+            return dict(SENTINEL_SOCKET_OPTIONS)
+        from redis.credentials import UsernamePasswordCredentialProvider
+
+        return {
+            **SENTINEL_SOCKET_OPTIONS,
+            "credential_provider": UsernamePasswordCredentialProvider(password=self.sentinel_password),
+        }
 
     def master_options(self) -> dict[str, Any]:
         """What a connection to the master needs besides its address."""
@@ -49,8 +67,12 @@ def parse_sentinel_url(url: str) -> SentinelURL | None:
     """The Sentinel form of ``url``, None for any other URL; ValueError if it is malformed."""
     if not url.startswith(SENTINEL_SCHEME):
         return None
-    rest = url[len(SENTINEL_SCHEME) :]
+    rest, _, query = url[len(SENTINEL_SCHEME) :].partition("?")
     location, _, path = rest.partition("/")
+    options = dict(parse_qsl(query, keep_blank_values=True))
+    unknown = sorted(set(options) - {"sentinel_password"})
+    if unknown:
+        raise ValueError(f"REDIS_URL: unknown option {unknown[0]!r} (only sentinel_password is known)")
     password = None
     if "@" in location:
         auth, _, location = location.rpartition("@")
@@ -69,7 +91,13 @@ def parse_sentinel_url(url: str) -> SentinelURL | None:
     db = names[1] if len(names) == 2 else "0"
     if not db.isdigit():
         raise ValueError(f"REDIS_URL: the database must be a number, got {db!r}")
-    return SentinelURL(sentinels=tuple(sentinels), master=master, db=int(db), password=password)
+    return SentinelURL(
+        sentinels=tuple(sentinels),
+        master=master,
+        db=int(db),
+        password=password,
+        sentinel_password=options.get("sentinel_password") or None,
+    )
 
 
 def channel_layer_host(url: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -80,7 +108,7 @@ def channel_layer_host(url: str, options: dict[str, Any]) -> dict[str, Any]:
     return {
         "sentinels": list(sentinel.sentinels),
         "master_name": sentinel.master,
-        "sentinel_kwargs": dict(SENTINEL_SOCKET_OPTIONS),
+        "sentinel_kwargs": sentinel.sentinel_options(),
         **sentinel.master_options(),
         **options,
     }
@@ -91,4 +119,4 @@ def celery_broker(url: str) -> tuple[str, dict[str, Any]]:
     sentinel = parse_sentinel_url(url)
     if sentinel is None:
         return url, {}
-    return sentinel.kombu_url(), {"master_name": sentinel.master, "sentinel_kwargs": dict(SENTINEL_SOCKET_OPTIONS)}
+    return sentinel.kombu_url(), {"master_name": sentinel.master, "sentinel_kwargs": sentinel.sentinel_options()}

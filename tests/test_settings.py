@@ -190,6 +190,7 @@ def test_development_profiles_start_without_secrets(tmp_path, profile):
         ({"REDIS_URL": "redis+sentinel://127.0.0.1/mymaster"}, "REDIS_URL: a sentinel must be host:port"),
         ({"REDIS_URL": "redis+sentinel://127.0.0.1:26379"}, "REDIS_URL: redis+sentinel:// needs /<master name>"),
         ({"REDIS_URL": "redis+sentinel://127.0.0.1:26379/m/zero"}, "REDIS_URL: the database must be a number"),
+        ({"REDIS_URL": "redis+sentinel://h:26379/m/0?sentinel_pass=x"}, "REDIS_URL: unknown option 'sentinel_pass'"),
         ({"CELERY_BROKER_URL": "redis+sentinel://h:1"}, "CELERY_BROKER_URL: redis+sentinel:// needs"),
     ],
 )
@@ -285,29 +286,75 @@ from django.core.cache import caches
 from pushsite.redis_client import get_redis
 cache_pool = caches["default"]._cache._get_connection_pool(True)
 ours = get_redis().connection_pool
+def sentinel_password(options):
+    return options["sentinel_kwargs"].pop("credential_provider").get_credentials()
+hosts = settings.CHANNEL_LAYERS["default"]["CONFIG"]["hosts"]
+transport = dict(settings.CELERY_BROKER_TRANSPORT_OPTIONS)
 print(json.dumps({
-    "layer": settings.CHANNEL_LAYERS["default"]["CONFIG"]["hosts"],
+    "layer_sentinel_password": sentinel_password(hosts[0]),
+    "transport_sentinel_password": sentinel_password(transport),
+    "layer": hosts,
     "broker": settings.CELERY_BROKER_URL,
-    "transport": settings.CELERY_BROKER_TRANSPORT_OPTIONS,
+    "transport": transport,
     "cache_pool": [type(cache_pool).__name__, cache_pool.service_name, cache_pool.connection_kwargs.get("db")],
     "ours": [type(ours).__name__, ours.service_name, ours.connection_kwargs.get("db"),
              ours.connection_kwargs.get("password"),
-             [[s.connection_pool.connection_kwargs[k] for k in ("host", "port", "socket_timeout")]
+             [[s.connection_pool.connection_kwargs.get(k) for k in ("host", "port", "socket_timeout")]
+              + list(s.connection_pool.connection_kwargs["credential_provider"].get_credentials())
               for s in ours.sentinel_manager.sentinels]],
+    "cache_sentinels": [s.connection_pool.connection_kwargs["credential_provider"].get_credentials()
+                        for s in cache_pool.sentinel_manager.sentinels],
 }))
 """
-    url = "redis+sentinel://:pa%3Ass@10.0.0.1:26379,10.0.0.2:26380/pushmaster/4"
+    url = "redis+sentinel://:pa%3Ass@10.0.0.1:26379,10.0.0.2:26380/pushmaster/4?sentinel_password=s%26nt"
     result = run(clean_env(tmp_path, DATABASE_URL="mysql://root@127.0.0.1:3306/pushsite", REDIS_URL=url), "-c", code)
     assert result.returncode == 0, result.stderr
     found = json.loads(result.stdout.strip().splitlines()[-1])
     (host,) = found["layer"]
     assert host["master_name"] == "pushmaster" and host["db"] == 4 and host["password"] == "pa:ss"
     assert host["sentinels"] == [["10.0.0.1", 26379], ["10.0.0.2", 26380]]
+    # The sentinels' own password goes to the sentinels only, never into the master's URL.
+    assert host["sentinel_kwargs"] == {"socket_connect_timeout": 1, "socket_timeout": 1}
+    assert found["layer_sentinel_password"] == found["transport_sentinel_password"] == ["s&nt"]
     assert found["broker"] == "sentinel://:pa%3Ass@10.0.0.1:26379/4;sentinel://:pa%3Ass@10.0.0.2:26380/4"
     assert found["transport"]["master_name"] == "pushmaster"
     assert found["cache_pool"] == ["SentinelConnectionPool", "pushmaster", 4]
     assert found["ours"][:4] == ["SentinelConnectionPool", "pushmaster", 4, "pa:ss"]
-    assert found["ours"][4] == [["10.0.0.1", 26379, 1], ["10.0.0.2", 26380, 1]]
+    assert found["ours"][4] == [["10.0.0.1", 26379, 1, "s&nt"], ["10.0.0.2", 26380, 1, "s&nt"]]
+    assert found["cache_sentinels"] == [["s&nt"], ["s&nt"]]
+
+
+def test_no_redis_error_of_a_sentinel_url_spells_out_its_passwords(tmp_path):
+    # Sentinels that do not answer: every client's error names the master it looked for, and no secret.
+    code = """
+import asyncio, django
+django.setup()
+from django.core.cache import cache
+from pushsite.redis_client import get_async_redis, get_redis
+errors = []
+for call in (get_redis().ping, lambda: cache.get("k")):
+    try:
+        call()
+    except Exception as error:
+        errors.append(repr(error) + str(error))
+async def ping():
+    try:
+        await get_async_redis().ping()
+    except Exception as error:
+        errors.append(repr(error) + str(error))
+asyncio.run(ping())
+print(len(errors), all("pushmaster" in e for e in errors))
+print("\\n".join(errors))
+"""
+    dead = [free_port() for _ in range(2)]
+    url = (
+        f"redis+sentinel://:m4ster-secret@127.0.0.1:{dead[0]},127.0.0.1:{dead[1]}/pushmaster/0"
+        "?sentinel_password=s3ntinel-secret"
+    )
+    result = run(clean_env(tmp_path, DATABASE_URL="mysql://root@127.0.0.1:3306/pushsite", REDIS_URL=url), "-c", code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == "3 True", result.stdout
+    assert "secret" not in result.stdout + result.stderr
 
 
 def test_database_url_alone_keeps_the_in_process_layer(tmp_path):

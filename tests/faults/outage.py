@@ -206,8 +206,8 @@ def relation(uids: list[int]) -> set[tuple[int, str]]:
     return set(Connection.objects.filter(uid__in=uids, user_status=UserStatus.ONLINE).values_list("uid", "conn_id"))
 
 
-def presence_entries(port: int, uids: list[int]) -> set[tuple[int, str]]:
-    client = redis.Redis(port=port, decode_responses=True)
+def presence_entries(port: int, uids: list[int], password: str | None = None) -> set[tuple[int, str]]:
+    client = redis.Redis(port=port, password=password, decode_responses=True)
     try:
         return {
             (uid, conn_id) for uid in uids for conn_id in client.hkeys(f"{settings.PUSH_REDIS_PREFIX}:online:{uid}")

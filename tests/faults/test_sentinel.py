@@ -27,11 +27,14 @@ import contextlib
 import shutil
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import redis
+from channels_redis.core import RedisChannelLayer
 from django.conf import settings
 
+from pushsite.redis_url import channel_layer_host
 from tests.faults.outage import (
     PUSHERS,
     Client,
@@ -61,17 +64,21 @@ BEFORE_KILL = 1.5  # seconds of pushes before the master dies
 AFTER_FAILOVER = 3.0  # seconds of pushes once a replica is promoted
 
 
-def sentinel(port: int, master_port: int, directory: Path) -> ServerProcess:
+def sentinel(
+    port: int, master_port: int, directory: Path, quorum: int = 2, password: str = "", master_password: str = ""
+) -> ServerProcess:
     """A redis-sentinel watching the master; its config file is its own (a sentinel rewrites it)."""
     conf = directory / f"sentinel-{port}.conf"
     conf.write_text(
         f"port {port}\n"
         "bind 127.0.0.1\n"
         f"dir {directory}\n"
-        f"sentinel monitor {MASTER} 127.0.0.1 {master_port} 2\n"
+        f"sentinel monitor {MASTER} 127.0.0.1 {master_port} {quorum}\n"
         f"sentinel down-after-milliseconds {MASTER} 1000\n"
         f"sentinel failover-timeout {MASTER} 10000\n"
         f"sentinel parallel-syncs {MASTER} 1\n"
+        + (f"requirepass {password}\n" if password else "")
+        + (f"sentinel auth-pass {MASTER} {master_password}\n" if master_password else "")
     )
     return ServerProcess(f"sentinel-{port}", [shutil.which("redis-sentinel") or "redis-sentinel", str(conf)], {}, port)
 
@@ -107,6 +114,30 @@ def group_ready(sentinel_ports: list[int], replica_port: int) -> bool:
         if not any(int(r["port"]) == replica_port and r.get("master-link-status") == "ok" for r in replicas):
             return False
     return True
+
+
+async def layer_round_trip(layer: RedisChannelLayer, group: str, timeout: float = 15) -> None:
+    """A group message through the stock channel layer reaches its member; Redis errors are retried for ``timeout``."""
+    deadline = time.monotonic() + timeout
+    failure: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            channel = await asyncio.wait_for(layer.new_channel(), 5)
+            await asyncio.wait_for(layer.group_add(group, channel), 5)
+            await asyncio.wait_for(layer.group_send(group, {"type": "probe", "group": group}), 5)
+            message = await asyncio.wait_for(layer.receive(channel), 5)
+        except (redis.RedisError, OSError) as error:
+            failure = error
+            await asyncio.sleep(0.2)
+            continue
+        assert message == {"type": "probe", "group": group}
+        return
+    raise AssertionError(f"the channel layer did not come back within {timeout}s: {failure!r}")
+
+
+def layer_for(redis_url: str) -> RedisChannelLayer:
+    """The channel layer settings would build for this URL (PUSH_FANOUT=layer's transport)."""
+    return RedisChannelLayer(hosts=[channel_layer_host(redis_url, dict(settings.REDIS_CONNECTION_OPTIONS))])
 
 
 async def wait_until(condition, timeout: float, what: str) -> None:
@@ -147,6 +178,9 @@ async def test_master_killed_fails_over_and_loses_nothing_acknowledged(verifier,
         tasks += [asyncio.create_task(client.run()) for client in clients]
         await asyncio.wait_for(asyncio.gather(*(c.logged_in.wait() for c in clients)), 15)
 
+        layer = layer_for(redis_url)
+        await layer_round_trip(layer, "before-failover", timeout=5)
+
         pushes = Pushes(node.port)
         pushers = [asyncio.create_task(pushes.loop(uids, offset)) for offset in range(PUSHERS)]
         tasks += pushers
@@ -181,6 +215,10 @@ async def test_master_killed_fails_over_and_loses_nothing_acknowledged(verifier,
         # The new master holds the presence of exactly the open sockets.
         await wait_for(lambda: relation(uids) == presence_entries(new_port, uids) and len(relation(uids)) == USERS)
 
+        # The channel layer (channels-redis, its own Sentinel client) follows the failover too.
+        await layer_round_trip(layer, "after-failover")
+        await layer.close_pools()
+
         # Celery followed too: a push to every client, queued on the new master, is run by the worker.
         live_before = {client.uid: set(client.live) for client in clients}
         answer = await asyncio.to_thread(pushes.api.user_message, uids, {"n": -2})
@@ -208,4 +246,75 @@ async def test_master_killed_fails_over_and_loses_nothing_acknowledged(verifier,
         if worker is not None:
             worker.stop()
         for server in servers:
+            server.stop()
+
+
+async def test_sentinels_that_require_a_password_are_asked_with_sentinel_password(verifier, new_uid, tmp_path):
+    """A sentinel with ``requirepass`` answers only a client that authenticates (``?sentinel_password=``).
+
+    The master has a password of its own (the URL's ``:password@``). A node and a
+    worker given both serve logins, an inline push and a job; a node whose URL
+    lacks the sentinel password answers the push API 503, nothing stored.
+    """
+    master_pw, sentinel_pw = "m4ster:pw", "s3ntinel&pw"
+    redis_port, sentinel_port = free_port(), free_port()
+    servers = [
+        redis_server(redis_port, "--requirepass", master_pw, name="redis-master"),
+        sentinel(sentinel_port, redis_port, tmp_path, quorum=1, password=sentinel_pw, master_password=master_pw),
+    ]
+    nodes: list[ServerProcess] = []
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        for server in servers:
+            server.start()
+        asked = redis.Redis(port=sentinel_port, password=sentinel_pw, decode_responses=True, socket_timeout=1)
+        await wait_until(lambda: asked.sentinel_get_master_addr_by_name(MASTER) is not None, 15, "the sentinel")
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=sentinel_port, socket_timeout=1).sentinel_get_master_addr_by_name(MASTER)
+        asked.close()
+
+        base = f"redis+sentinel://:{quote(master_pw, safe='')}@127.0.0.1:{sentinel_port}/{MASTER}/0"
+        redis_url = f"{base}?sentinel_password={quote(sentinel_pw, safe='')}"
+        common = {"PUSH_JOBS": "celery", "PUSH_API_INLINE_MAX_UIDS": 1, "REDIS_URL": redis_url}
+        node = daphne("sentinel-auth-node", **common)
+        worker = celery_worker("sentinel-auth-worker", **common)
+        nodes += [node, worker]
+        node.start()
+        worker.start()
+        uids = [new_uid() for _ in range(2)]
+        clients = [Client(f"ws://127.0.0.1:{node.port}/ws/push/", uid) for uid in uids]
+        tasks += [asyncio.create_task(client.run()) for client in clients]
+        await asyncio.wait_for(asyncio.gather(*(c.logged_in.wait() for c in clients)), 15)
+        assert all(c.login_refusals == 0 for c in clients)
+
+        pushes = Pushes(node.port)
+        assert await asyncio.to_thread(pushes.push, uids[0]) == 200
+        job = await asyncio.to_thread(pushes.api.user_message, uids, {"n": -2})
+        assert job["code"] == 202, job
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and (len(clients[0].live) < 2 or len(clients[1].live) < 1):
+            await asyncio.sleep(0.1)
+        assert [len(c.live) for c in clients] == [2, 1], worker.output()
+        rows = await stored(uids)
+        assert sorted(n for _, n in rows[uids[0]]) == [-2, 0] and [n for _, n in rows[uids[1]]] == [-2]
+        layer = layer_for(redis_url)
+        await layer_round_trip(layer, "with-passwords", timeout=5)
+        await layer.close_pools()
+        # Presence lives on the master the sentinel named.
+        assert {uid for uid, _ in presence_entries(redis_port, uids, password=master_pw)} == set(uids)
+
+        # Without the sentinel password the sentinel refuses the look-up: the API says 503, nothing is stored.
+        locked_out = daphne("sentinel-noauth-node", REDIS_URL=base)
+        nodes.append(locked_out)
+        locked_out.start()
+        refused = Pushes(locked_out.port)
+        assert await asyncio.to_thread(refused.push, uids[1]) == 503
+        assert [n for _, n in (await stored([uids[1]]))[uids[1]]] == [-2]
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for process in reversed(nodes):
+            process.stop()
+        for server in reversed(servers):
             server.stop()
