@@ -26,10 +26,14 @@ import sys
 import time
 import urllib.request
 import uuid
+from pathlib import Path
 
-from fanout import RESULTS, Server, django_setup, progress, raise_nofile, start_clients
 from prometheus_client.parser import text_string_to_metric_families
-from run import bench_environment, prepare_database
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.fanout import RESULTS, Server, django_setup, progress, raise_nofile, start_clients
+from bench.run import bench_environment, prepare_database
 
 
 def bus_messages(server: Server) -> float:

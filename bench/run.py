@@ -18,7 +18,9 @@ clients in a separate process, and measures:
    killed and started again, all N log in again; logins/s of both waves
    against the reference, and every message pushed while it was down must
    arrive once;
-5. system broadcast storage: shard rows per second for 100k online users.
+5. system broadcast storage: shard rows per second for 100k online users;
+6. two nodes on one Redis (bench/nodes.py): bus messages each node receives
+   per personal push to a user of the other node, and per broadcast.
 
 Prints a table, writes bench/results/bench.json and bench.md, and exits
 non-zero when clients lose messages or get one twice.
@@ -339,7 +341,9 @@ def storage_case(users: int, batch: int) -> dict[str, object]:
 # --- report -------------------------------------------------------------------------
 
 
-def report(fanout: list[dict], latency: list[dict], storm: list[str], storage: dict, smoke: bool) -> str:
+def report(
+    fanout: list[dict], latency: list[dict], storm: list[str], storage: dict, nodes: dict | None, smoke: bool
+) -> str:
     """The Markdown tables; ``storm`` is bench/storm.py's section, already written out."""
     ref = {row["sockets"]: row for row in fanout if row["path"] == "reference"}
     lines = [
@@ -387,6 +391,22 @@ def report(fanout: list[dict], latency: list[dict], storm: list[str], storage: d
         f"| {storage['users']} | {storage['batch']} | {storage['rows']} | {storage['seconds']} "
         f"| {storage['rows_per_s']} |",
     ]
+    if nodes is not None:
+        push, broadcast = nodes["bus_per_push"], nodes["bus_per_broadcast"]
+        lines += [
+            "",
+            "## Two nodes on one Redis: bus messages received per node",
+            "",
+            f"{nodes['sockets'] // 2} sockets on each node; {nodes['pushes_to_node_a']} personal pushes to users"
+            f" on node A, then {nodes['broadcasts']} broadcasts to all {nodes['sockets']} users.",
+            "",
+            "| | node A | node B |",
+            "|---|---:|---:|",
+            f"| per personal push (users on A) | {push['node_a']} | {push['node_b']} |",
+            f"| per broadcast | {broadcast['node_a']} | {broadcast['node_b']} |",
+            "",
+            f"{nodes['received']} of {nodes['expected']} frames delivered.",
+        ]
     if smoke:
         lines.insert(0, "(smoke sizes: a correctness run, not a measurement)\n")
     return "\n".join(lines) + "\n"
@@ -401,14 +421,16 @@ def main() -> int:
     parser.add_argument("--rate", type=int, default=500, help="personal pushes per second")
     parser.add_argument("--storm-sizes", type=int, nargs="+", default=[3000, 10000], help="sockets per storm")
     parser.add_argument("--storage-users", type=int, default=100_000)
+    parser.add_argument("--nodes-sockets", type=int, default=4000, help="sockets over two nodes (0: skip)")
     parser.add_argument("--out", default="bench")
     args = parser.parse_args()
-    # Here, not at the top: bench/storm.py imports this module (its API node and database set-up).
+    # Here, not at the top: bench/storm.py and bench/nodes.py import this module.
+    from bench import nodes as nodes_bench
     from bench import storm as storm_bench
 
     if args.smoke:
         args.sizes, args.broadcasts, args.stock_up_to, args.rate, args.storage_users = [50], 3, 50, 50, 500
-        args.storm_sizes = [50]
+        args.storm_sizes, args.nodes_sockets = [50], min(args.nodes_sockets, 50)
     bench_environment()
     raise_nofile()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -431,8 +453,12 @@ def main() -> int:
     storm = [row for sockets in args.storm_sizes for row in storm_bench.storm_case(sockets)]
     storage = storage_case(args.storage_users, 5000 if not args.smoke else 100)
     progress(f"storage: {storage['rows_per_s']} rows/s")
+    nodes = None
+    if args.nodes_sockets:
+        nodes = nodes_bench.run(args.nodes_sockets, max(10, args.nodes_sockets // 4), 2 if args.smoke else 5)
+        progress(f"two nodes: node B got {nodes['bus_per_push']['node_b']} bus messages per push to node A's users")
 
-    table = report(fanout, latency, storm_bench.report(storm), storage, args.smoke)
+    table = report(fanout, latency, storm_bench.report(storm), storage, nodes, args.smoke)
     (RESULTS / f"{args.out}.json").write_text(
         json.dumps(
             {
@@ -440,6 +466,7 @@ def main() -> int:
                 "latency": latency,
                 "storm": storm,
                 "storage": storage,
+                "nodes": nodes,
                 "seconds": round(time.monotonic() - started),
             },
             indent=2,
@@ -452,11 +479,12 @@ def main() -> int:
     wrong = [row for row in fanout if row["path"] != "layer" and row["lost"] != 0]
     latency_lost = [(row["api"], row["lost"]) for row in latency if row["lost"] != 0 or row["api_errors"]]
     storm_wrong = storm_bench.storm_failures(storm)
-    if wrong or latency_lost or storm_wrong or storage["rows"] != args.storage_users:
+    nodes_lost = nodes["lost"] if nodes else 0
+    if wrong or latency_lost or storm_wrong or nodes_lost or storage["rows"] != args.storage_users:
         print(
             f"FAILED: fan-out off by {[(r['path'], r['sockets'], r['lost']) for r in wrong]}, "
             f"latency off by {latency_lost} (errors: {[row['api_errors'] for row in latency]}), "
-            f"storm: {storm_wrong or 'ok'}, "
+            f"storm: {storm_wrong or 'ok'}, two nodes lost {nodes_lost}, "
             f"{storage['rows']} of {args.storage_users} rows stored",
             file=sys.stderr,
         )

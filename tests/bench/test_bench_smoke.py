@@ -30,7 +30,12 @@ def test_benchmark_smoke_run_completes_without_losing_messages(tmp_path):
     for row in result["latency"]:
         assert row["received"] == row["api_2xx"] == row["pushes"], row
     assert result["storage"]["rows"] == result["storage"]["users"]
-    assert "| hub |" in (ROOT / "bench/results/smoke.md").read_text()
+    # The two-node case: a push to node A's users reaches node B's bus not at all.
+    nodes = result["nodes"]
+    assert nodes["sockets"] == 50 and nodes["lost"] == 0 and nodes["received"] == nodes["expected"] > 0
+    assert nodes["bus_per_push"] == {"node_a": 1.0, "node_b": 0.0}
+    table = (ROOT / "bench/results/smoke.md").read_text()
+    assert "| hub |" in table and "| per personal push (users on A) | 1.0 | 0.0 |" in table
 
 
 def test_idempotency_benchmark_runs_each_push_once(tmp_path):
