@@ -35,10 +35,11 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import DatabaseError, IntegrityError
+from django.db import DatabaseError, IntegrityError, connections, router
 from django.utils import timezone
 
 from .models import PushRequest
+from .rows import insert_row, update_rows
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +123,10 @@ def _claim(*, scope: str, key: str, fingerprint: str) -> PushRequest | Answer:
     pause = 0.01
     while True:
         now = timezone.now()
+        claim = PushRequest(scope=scope, key=key, fingerprint=fingerprint, created_at=now)
         try:
-            return PushRequest.objects.create(scope=scope, key=key, fingerprint=fingerprint, created_at=now)
+            insert_row(connections[router.db_for_write(PushRequest)], claim)
+            return claim
         except IntegrityError:
             pass
         row = PushRequest.objects.filter(scope=scope, key=key).first()
@@ -155,8 +158,12 @@ def _claim(*, scope: str, key: str, fingerprint: str) -> PushRequest | Answer:
 
 def _record(claim: PushRequest, answer: Answer) -> None:
     try:
-        PushRequest.objects.filter(id=claim.id, created_at=claim.created_at).update(
-            status=answer.status, answer={"msg": answer.msg, "data": answer.data}
+        update_rows(
+            connections[router.db_for_write(PushRequest)],
+            PushRequest,
+            {"id": claim.id, "created_at": claim.created_at},
+            status=answer.status,
+            answer={"msg": answer.msg, "data": answer.data},
         )
     except DatabaseError as error:
         # The push is done and its answer goes out. A retry waits for the claim

@@ -33,6 +33,7 @@ from django.utils import timezone
 from connections.protocol import MsgType
 from pushsite import metrics
 
+from .rows import insert_row
 from .sharding import message_model, shard_alias, shard_of, shards_by_alias
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,7 @@ def messages_store(*, messages: list[NewMessage], ignore_existing: bool = False)
             connection.ensure_connection()
             committed.append(alias)
             try:
-                row.save(force_insert=True, using=alias)
+                insert_row(connection, row)
             except IntegrityError:
                 committed.clear()  # refused (its noce_ack exists): nothing stored, and the existing row stays
                 raise
