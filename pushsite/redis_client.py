@@ -69,7 +69,7 @@ def get_async_redis() -> aioredis.Redis:
             client = aioredis.Redis.from_url(settings.REDIS_URL, **_ASYNC_OPTIONS)
         else:
             manager = redis.asyncio.sentinel.Sentinel(
-                list(sentinel.sentinels), sentinel_kwargs=sentinel.sentinel_options()
+                list(sentinel.sentinels), sentinel_kwargs=sentinel.sentinel_options(for_asyncio=True)
             )
             client = manager.master_for(sentinel.master, **sentinel.master_options(), **_ASYNC_OPTIONS)
         _async_clients[loop] = client

@@ -13,7 +13,8 @@ Each part of pushsite that talks to Redis speaks Sentinel through its own
 library (redis-py for the bus, presence and the login cache; channels-redis;
 kombu for the Celery broker). This module turns the one URL into the form each
 of them takes, so that settings and pushsite/redis_client.py agree. It does not
-import Django: settings reads it at start-up.
+import Django (settings reads it at start-up), and redis-py only for the
+options of a sentinel connection.
 """
 
 from __future__ import annotations
@@ -37,21 +38,32 @@ class SentinelURL:
     password: str | None
     sentinel_password: str | None = None
 
-    def sentinel_options(self) -> dict[str, Any]:
-        """What a connection to a sentinel needs: short timeouts, and its password if it has one.
+    def sentinel_options(self, *, for_asyncio: bool = False) -> dict[str, Any]:
+        """What a connection to a sentinel needs: short timeouts, no retries, and its password if it has one.
+
+        No retries: redis-py's own default for a client retries a failed
+        command three times with jittered backoff of up to 2, 4 and 8 s, so a
+        sentinel that refuses (a wrong password) or does not answer held a
+        push for up to 14 s. Whoever asks decides what to do about a failure
+        (the API answers 503 at once; the bus resubscribes). ``for_asyncio`` picks
+        the retry policy of redis-py's asyncio clients (channels-redis, ours).
 
         The password goes in a credential provider, not as ``password``:
         redis-py's "No master found" error spells out every keyword of the
         sentinels' connections, and that error reaches log lines.
         """
-        if not self.sentinel_password:
-            return dict(SENTINEL_SOCKET_OPTIONS)
-        from redis.credentials import UsernamePasswordCredentialProvider
+        from redis.backoff import NoBackoff
 
-        return {
-            **SENTINEL_SOCKET_OPTIONS,
-            "credential_provider": UsernamePasswordCredentialProvider(password=self.sentinel_password),
-        }
+        if for_asyncio:
+            from redis.asyncio.retry import Retry
+        else:
+            from redis.retry import Retry  # type: ignore[assignment]
+        options: dict[str, Any] = {**SENTINEL_SOCKET_OPTIONS, "retry": Retry(NoBackoff(), 0)}
+        if self.sentinel_password:
+            from redis.credentials import UsernamePasswordCredentialProvider
+
+            options["credential_provider"] = UsernamePasswordCredentialProvider(password=self.sentinel_password)
+        return options
 
     def master_options(self) -> dict[str, Any]:
         """What a connection to the master needs besides its address."""
@@ -108,7 +120,7 @@ def channel_layer_host(url: str, options: dict[str, Any]) -> dict[str, Any]:
     return {
         "sentinels": list(sentinel.sentinels),
         "master_name": sentinel.master,
-        "sentinel_kwargs": sentinel.sentinel_options(),
+        "sentinel_kwargs": sentinel.sentinel_options(for_asyncio=True),
         **sentinel.master_options(),
         **options,
     }

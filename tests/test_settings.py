@@ -287,7 +287,9 @@ from pushsite.redis_client import get_redis
 cache_pool = caches["default"]._cache._get_connection_pool(True)
 ours = get_redis().connection_pool
 def sentinel_password(options):
-    return options["sentinel_kwargs"].pop("credential_provider").get_credentials()
+    retry = options["sentinel_kwargs"].pop("retry")
+    assert retry._retries == 0, "a sentinel that fails is not asked again with backoff"
+    return [type(retry).__module__, *options["sentinel_kwargs"].pop("credential_provider").get_credentials()]
 hosts = settings.CHANNEL_LAYERS["default"]["CONFIG"]["hosts"]
 transport = dict(settings.CELERY_BROKER_TRANSPORT_OPTIONS)
 print(json.dumps({
@@ -301,6 +303,7 @@ print(json.dumps({
              ours.connection_kwargs.get("password"),
              [[s.connection_pool.connection_kwargs.get(k) for k in ("host", "port", "socket_timeout")]
               + list(s.connection_pool.connection_kwargs["credential_provider"].get_credentials())
+              + [s.get_retry()._retries]
               for s in ours.sentinel_manager.sentinels]],
     "cache_sentinels": [s.connection_pool.connection_kwargs["credential_provider"].get_credentials()
                         for s in cache_pool.sentinel_manager.sentinels],
@@ -315,12 +318,14 @@ print(json.dumps({
     assert host["sentinels"] == [["10.0.0.1", 26379], ["10.0.0.2", 26380]]
     # The sentinels' own password goes to the sentinels only, never into the master's URL.
     assert host["sentinel_kwargs"] == {"socket_connect_timeout": 1, "socket_timeout": 1}
-    assert found["layer_sentinel_password"] == found["transport_sentinel_password"] == ["s&nt"]
+    # channels-redis speaks asyncio, kombu does not: each gets the retry policy of its own redis-py clients.
+    assert found["layer_sentinel_password"] == ["redis.asyncio.retry", "s&nt"]
+    assert found["transport_sentinel_password"] == ["redis.retry", "s&nt"]
     assert found["broker"] == "sentinel://:pa%3Ass@10.0.0.1:26379/4;sentinel://:pa%3Ass@10.0.0.2:26380/4"
     assert found["transport"]["master_name"] == "pushmaster"
     assert found["cache_pool"] == ["SentinelConnectionPool", "pushmaster", 4]
     assert found["ours"][:4] == ["SentinelConnectionPool", "pushmaster", 4, "pa:ss"]
-    assert found["ours"][4] == [["10.0.0.1", 26379, 1, "s&nt"], ["10.0.0.2", 26380, 1, "s&nt"]]
+    assert found["ours"][4] == [["10.0.0.1", 26379, 1, "s&nt", 0], ["10.0.0.2", 26380, 1, "s&nt", 0]]
     assert found["cache_sentinels"] == [["s&nt"], ["s&nt"]]
 
 
