@@ -65,6 +65,14 @@ def prometheus_dir(targets: dict[str, list[int]]) -> Path:
 
 
 class Prometheus(ServerProcess):
+    def ready(self) -> bool:
+        """Prometheus listens before it can answer queries (503 until its storage is open): wait for /-/ready."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=2) as response:
+                return response.status == 200
+        except OSError:  # refused, or urllib's HTTPError for the 503 of a starting server
+            return False
+
     def query(self, expr: str) -> list[dict]:
         url = f"http://127.0.0.1:{self.port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
         with urllib.request.urlopen(url, timeout=5) as response:
