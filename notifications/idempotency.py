@@ -125,7 +125,7 @@ def _claim(*, scope: str, key: str, fingerprint: str) -> PushRequest | Answer:
         now = timezone.now()
         claim = PushRequest(scope=scope, key=key, fingerprint=fingerprint, created_at=now)
         try:
-            insert_row(connections[router.db_for_write(PushRequest)], claim)
+            insert_row(_claims_db(), claim)
             return claim
         except IntegrityError:
             pass
@@ -156,10 +156,15 @@ def _claim(*, scope: str, key: str, fingerprint: str) -> PushRequest | Answer:
         pause = min(pause * 2, 0.2)
 
 
+def _claims_db() -> Any:
+    """The connection of the database that holds the claims."""
+    return connections[router.db_for_write(PushRequest)]
+
+
 def _record(claim: PushRequest, answer: Answer) -> None:
     try:
         update_rows(
-            connections[router.db_for_write(PushRequest)],
+            _claims_db(),
             PushRequest,
             {"id": claim.id, "created_at": claim.created_at},
             status=answer.status,

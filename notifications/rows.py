@@ -23,23 +23,24 @@ from django.db import models
 
 
 @functools.lru_cache(maxsize=256)
-def _insert_sql(model: type[models.Model], quote: Any) -> tuple[tuple[Any, ...], str]:
+def _insert_sql(model: type[models.Model], quote: Any) -> tuple[tuple[Any, ...], str, bool]:
+    """The fields written, the statement, and whether the database assigns the key."""
     # Every column but an auto-increment key, which the database assigns.
     fields = tuple(f for f in model._meta.local_concrete_fields if not isinstance(f, models.AutoField))
     columns = ", ".join(quote(f.column) for f in fields)
     values = ", ".join(["%s"] * len(fields))
     table = quote(model._meta.db_table)
-    return fields, f"INSERT INTO {table} ({columns}) VALUES ({values})"  # noqa: S608 - quoted model names; values bound
+    sql = f"INSERT INTO {table} ({columns}) VALUES ({values})"  # noqa: S608 - quoted model names; values bound
+    return fields, sql, model._meta.pk not in fields
 
 
 def insert_row(connection: Any, obj: models.Model) -> None:
     """INSERT ``obj`` as a new row on ``connection``, as ``obj.save(force_insert=True)`` would; sets its pk."""
-    model = type(obj)
-    fields, sql = _insert_sql(model, connection.ops.quote_name)
+    fields, sql, key_from_database = _insert_sql(type(obj), connection.ops.quote_name)
     params = [f.get_db_prep_save(f.pre_save(obj, True), connection) for f in fields]
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
-        if model._meta.pk.attname not in {f.attname for f in fields}:
+        if key_from_database:
             obj.pk = cursor.lastrowid
     obj._state.adding = False
     obj._state.db = connection.alias
@@ -54,7 +55,7 @@ def _update_sql(model: type[models.Model], quote: Any, set_names: tuple[str, ...
 
 
 def update_rows(connection: Any, model: type[models.Model], where: dict[str, Any], **values: Any) -> int:
-    """``model.objects.filter(**where).update(**values)`` for equality matches on ``connection``; rows changed."""
+    """``model.objects.filter(**where).update(**values)`` for equality matches on ``connection``; rows matched."""
     meta = model._meta
     sql = _update_sql(model, connection.ops.quote_name, tuple(values), tuple(where))
     params = [meta.get_field(name).get_db_prep_save(value, connection) for name, value in values.items()]

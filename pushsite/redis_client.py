@@ -22,7 +22,7 @@ import redis.asyncio.sentinel
 import redis.sentinel
 from django.conf import settings
 
-from .redis_url import parse_sentinel_url
+from .redis_url import SentinelURL, parse_sentinel_url
 
 _async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis] = weakref.WeakKeyDictionary()
 
@@ -44,14 +44,18 @@ _ASYNC_OPTIONS = {
 }
 
 
+def _sentinels(sentinel: SentinelURL) -> redis.sentinel.Sentinel:
+    """A synchronous manager of the URL's sentinels."""
+    return redis.sentinel.Sentinel(list(sentinel.sentinels), sentinel_kwargs=sentinel.sentinel_options())
+
+
 @functools.lru_cache(maxsize=4)
 def redis_client_for(url: str) -> redis.Redis:
     """A synchronous client (thread-safe pool, one per URL) for either form of Redis URL."""
     sentinel = parse_sentinel_url(url)
     if sentinel is None:
         return redis.Redis.from_url(url, **_SYNC_OPTIONS)
-    manager = redis.sentinel.Sentinel(list(sentinel.sentinels), sentinel_kwargs=sentinel.sentinel_options())
-    return manager.master_for(sentinel.master, **sentinel.master_options(), **_SYNC_OPTIONS)
+    return _sentinels(sentinel).master_for(sentinel.master, **sentinel.master_options(), **_SYNC_OPTIONS)
 
 
 def get_redis() -> redis.Redis:
@@ -88,8 +92,9 @@ class CachePool(redis.ConnectionPool):
         sentinel = parse_sentinel_url(url)
         if sentinel is None:
             return redis.ConnectionPool.from_url(url, **options)
-        manager = redis.sentinel.Sentinel(list(sentinel.sentinels), sentinel_kwargs=sentinel.sentinel_options())
-        return redis.sentinel.SentinelConnectionPool(sentinel.master, manager, **sentinel.master_options(), **options)
+        return redis.sentinel.SentinelConnectionPool(
+            sentinel.master, _sentinels(sentinel), **sentinel.master_options(), **options
+        )
 
 
 def redis_configured() -> bool:
