@@ -525,7 +525,15 @@ async def test_a_login_cancelled_after_its_socket_closed_leaves_no_row_and_no_so
     import MySQLdb
     from django.db import connection
 
-    server = start_daphne("--application-close-timeout", "1", PUSH_NODE_HEARTBEAT="1", PUSH_MAX_CONNECTIONS="1")
+    # PUSH_LOGIN_MAX_WAIT: the stuck login's batch may still be finishing when the second socket
+    # comes; admission control would then rightly send it away as busy, which is not what this tests.
+    server = start_daphne(
+        "--application-close-timeout",
+        "1",
+        PUSH_NODE_HEARTBEAT="1",
+        PUSH_MAX_CONNECTIONS="1",
+        PUSH_LOGIN_MAX_WAIT="60",
+    )
     db = connection.settings_dict
     locker = MySQLdb.connect(
         host=db["HOST"], port=int(db["PORT"] or 3306), user=db["USER"], password=db["PASSWORD"], database=db["NAME"]
