@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import weakref
+from typing import Any
 
 import redis
 import redis.asyncio as aioredis
@@ -44,9 +45,10 @@ _ASYNC_OPTIONS = {
 }
 
 
-def _sentinels(sentinel: SentinelURL) -> redis.sentinel.Sentinel:
-    """A synchronous manager of the URL's sentinels."""
-    return redis.sentinel.Sentinel(list(sentinel.sentinels), sentinel_kwargs=sentinel.sentinel_options())
+def _sentinels(sentinel: SentinelURL, *, for_asyncio: bool = False) -> Any:
+    """A manager of the URL's sentinels, synchronous or for asyncio clients."""
+    manager = redis.asyncio.sentinel.Sentinel if for_asyncio else redis.sentinel.Sentinel
+    return manager(list(sentinel.sentinels), sentinel_kwargs=sentinel.sentinel_options(for_asyncio=for_asyncio))
 
 
 @functools.lru_cache(maxsize=4)
@@ -72,9 +74,7 @@ def get_async_redis() -> aioredis.Redis:
         if sentinel is None:
             client = aioredis.Redis.from_url(settings.REDIS_URL, **_ASYNC_OPTIONS)
         else:
-            manager = redis.asyncio.sentinel.Sentinel(
-                list(sentinel.sentinels), sentinel_kwargs=sentinel.sentinel_options(for_asyncio=True)
-            )
+            manager = _sentinels(sentinel, for_asyncio=True)
             client = manager.master_for(sentinel.master, **sentinel.master_options(), **_ASYNC_OPTIONS)
         _async_clients[loop] = client
     return client
